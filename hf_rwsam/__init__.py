@@ -1,0 +1,9 @@
+"""hf-rwsam: sharpness-aware training (SAM, ASAM, m-SAM, RW-SAM) for the Hugging Face Trainer."""
+
+from .config import RWSAMConfig
+from .sharpness.reweight import gibbs_weights, sample_grad_norms
+from .trainer import RWSAMTrainer
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["RWSAMConfig", "RWSAMTrainer", "gibbs_weights", "sample_grad_norms"]

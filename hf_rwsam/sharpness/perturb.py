@@ -1,0 +1,132 @@
+"""The SAM perturbation: ascent direction, ASAM scaling, and a save/perturb/restore context.
+
+SAM (Foret et al., 2021, arXiv 2010.01412) evaluates the descent gradient at ``x + e`` with
+
+    e = rho * T^2 g / ||T g||,      T = |x| + eta  (ASAM, Kwon et al., 2021, arXiv 2102.11600)  or  T = 1  (SAM),
+
+where ``g`` is the ascent gradient and the norm runs over all parameters jointly, in fp32. With ``eta = 0`` this is
+exactly the ASAM of davda54/sam and pytorch_optimizer (which add 1e-12 to the norm; we skip the perturbation
+instead when the norm is zero or not finite).
+
+Everything works on lists of tensors with ``torch._foreach_*`` kernels: one kernel launch per operation for the whole
+model, no Python loop over parameters, and no parameter-sized allocation per step beyond the ascent gradient, which
+is turned into ``e`` in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+
+@dataclass
+class Perturbation:
+    """The result of `sam_perturbation`: ``e`` (the ascent gradient's storage, overwritten) and its diagnostics."""
+
+    e: list[torch.Tensor]
+    ascent_grad_norm: torch.Tensor  # ||T g||, fp32 scalar
+    skipped: bool  # the norm was zero or not finite, so e == 0
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The fp32 2-norm of all `tensors` taken as one vector."""
+    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+@torch.no_grad()
+def sam_perturbation(
+    params: Sequence[torch.Tensor],
+    grads: list[torch.Tensor],
+    rho: float,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    norm_fn=global_norm,
+) -> Perturbation:
+    """Turn the ascent gradient `grads` (overwritten in place) into the SAM/ASAM perturbation ``e``.
+
+    Args:
+        params (`Sequence[torch.Tensor]`): the parameters ``x``, needed for the ASAM scale ``T = |x| + eta``.
+        grads (`list[torch.Tensor]`): the ascent gradient ``g``, one tensor per parameter; becomes ``e``.
+        rho (`float`): the radius of the perturbation.
+        adaptive (`bool`): ASAM when True.
+        eta (`float`): ASAM's offset.
+        norm_fn (`Callable`): computes ``||T g||`` from a list of tensors (a sharded model passes the global norm).
+
+    Returns:
+        `Perturbation`: ``e = rho * T^2 g / ||T g||``, or zeros if ``||T g||`` is zero or not finite.
+    """
+    if adaptive:
+        scale = torch._foreach_abs(list(params))
+        if eta:
+            torch._foreach_add_(scale, eta)
+        torch._foreach_mul_(grads, scale)  # T g
+    norm = norm_fn(grads)
+    # One host synchronisation per step (the Trainer's nan/inf loss filter makes one anyway).
+    skipped = not bool(torch.isfinite(norm)) or float(norm) == 0.0
+    if skipped:
+        torch._foreach_zero_(grads)
+    else:
+        if adaptive:
+            torch._foreach_mul_(grads, scale)  # T^2 g
+        torch._foreach_mul_(grads, (rho / norm).to(grads[0].dtype))
+    return Perturbation(e=grads, ascent_grad_norm=norm, skipped=skipped)
+
+
+class ParameterSnapshot:
+    """One reusable buffer holding an exact copy of the parameters, for perturb-and-restore.
+
+    Allocated once (the first time it is used) and reused by every later step, so a SAM step allocates no
+    parameter-sized memory besides its ascent gradient.
+    """
+
+    def __init__(self):
+        self._buffer: list[torch.Tensor] | None = None
+        self._params: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def save(self, params: Sequence[torch.Tensor]) -> None:
+        params = list(params)
+        if self._buffer is None or len(self._buffer) != len(params) or any(
+            b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(self._buffer, params)
+        ):
+            self._buffer = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(self._buffer, params)
+        self._params = params
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the saved values back, bit for bit."""
+        torch._foreach_copy_(self._params, self._buffer)
+
+    @contextlib.contextmanager
+    def shifted(self, delta: Sequence[torch.Tensor], alpha: float = 1.0) -> Iterator[None]:
+        """Parameters at ``x + alpha * delta`` inside the block, exactly ``x`` again after it (even on error).
+
+        `save` must have been called with the parameters first.
+        """
+        try:
+            with torch.no_grad():
+                torch._foreach_add_(self._params, list(delta), alpha=alpha)
+            yield
+        finally:
+            self.restore()
+
+
+@contextlib.contextmanager
+def perturbed(params: Sequence[torch.Tensor], e: Sequence[torch.Tensor], snapshot: ParameterSnapshot | None = None):
+    """Parameters at ``x + e`` inside the block, restored bit-exactly afterwards, also when the block raises.
+
+    Args:
+        params (`Sequence[torch.Tensor]`): the parameters to perturb in place.
+        e (`Sequence[torch.Tensor]`): the perturbation, one tensor per parameter.
+        snapshot (`ParameterSnapshot`, *optional*): a reusable buffer; pass the same one every step to avoid
+            allocating a copy of the parameters each time.
+    """
+    snapshot = snapshot if snapshot is not None else ParameterSnapshot()
+    snapshot.save(params)
+    with snapshot.shifted(e):
+        yield

@@ -1,0 +1,279 @@
+"""RW-SAM's sample weights: per-sample gradient norms and the Gibbs distribution over them.
+
+RW-SAM (Reweighted SAM, arXiv 2509.18001) computes the SAM ascent gradient as ``g = grad(sum_i p_i l_i(x))`` with
+
+    p = softmax(lambda * s),      s_i = n_i / mean_j n_j   (or s_i = n_i),      n_i ~ ||grad l_i(x)||,
+
+so that samples with large gradients, which dominate the small-batch (m-SAM) perturbations, get more say in the
+perturbation of the full batch. ``lambda = 0`` is SAM.
+
+Two estimators of ``n_i``:
+
+* ``fd`` (the paper's): ``n_i^2 = d * mean_q D_iq^2`` with ``D_iq = (l_i(x + h u_q) - l_i(x)) / h``,
+  ``u_q = z_q / sqrt(d)`` and ``z_q`` Rademacher in ``{-1, +1}^d``. Since ``E[(z.g)^2] = ||g||^2``, this is unbiased
+  for ``||grad l_i||^2`` as ``h -> 0``. Cost: one no-grad forward per probe.
+* ``exact``: true per-sample gradient norms from one batched backward (``is_grads_batched``), chunked.
+
+Both differentiate the per-sample losses *as computed on the batch*: with BatchNorm in training mode, ``l_i``
+depends on the whole batch through its statistics, and both estimators see that dependence.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .perturb import ParameterSnapshot
+from .state import RNGReplay, frozen_running_stats, running_stat_modules
+
+
+DEFAULT_FD_STEP = 1e-2
+"""Default finite-difference step ``h`` (the length of the step along the unit direction ``u``).
+
+Chosen by measurement (``benchmarks/fd_step.py``, recorded in ``benchmarks/RESULTS.md``): on a tiny MLP and on a
+small BatchNorm CNN, in fp32, the mean relative error of the 64-probe estimate against exact norms stays flat at
+its sampling floor for ``h`` from 1e-3 to 1e-1; below 1e-4 fp32 cancellation in ``l(x+hu) - l(x)`` takes over, and
+above ~1 curvature does. 1e-2 sits in the middle of the flat region, two decades from either cliff.
+"""
+
+
+def rademacher_seed(seed: int, global_step: int, micro_step: int, rank: int) -> int:
+    """A 63-bit generator seed from (seed, global step, micro-step, process rank): resumed runs draw the same probes."""
+    return int(np.random.SeedSequence([seed, global_step, micro_step, rank]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _rademacher_like(params: Sequence[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
+    """A Rademacher vector ``z`` in ``{-1, +1}^d`` laid out like `params`."""
+    z = [torch.empty_like(p).bernoulli_(0.5, generator=generator) for p in params]
+    torch._foreach_mul_(z, 2.0)
+    torch._foreach_sub_(z, 1.0)
+    return z
+
+
+@torch.no_grad()
+def fd_probe_losses(
+    per_sample_losses_at: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    snapshot: ParameterSnapshot,
+    num_probes: int = 1,
+    fd_step: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-sample losses at ``x + h u_q`` for ``q = 1..Q``: the probes of the finite-difference estimator.
+
+    Args:
+        per_sample_losses_at (`Callable[[], Tensor]`): runs the batch through the model at its current parameters and
+            returns the per-sample losses ``[b]``. The caller makes it replay the clean pass's randomness and freeze
+            BatchNorm running statistics.
+        params (`Sequence[Tensor]`): the parameters ``x`` (all of them: ``d`` is their total size).
+        snapshot (`ParameterSnapshot`): holds an exact copy of ``x`` (already saved); ``x`` is restored from it
+            bit-exactly after each probe.
+        num_probes (`int`): ``Q``.
+        fd_step (`float`, *optional*): ``h``; defaults to `DEFAULT_FD_STEP`.
+        generator (`torch.Generator`, *optional*): draws the Rademacher vectors ``z_q``.
+
+    Returns:
+        `Tensor`: ``[Q, b]`` fp32.
+    """
+    h = DEFAULT_FD_STEP if fd_step is None else fd_step
+    alpha = h / math.sqrt(sum(p.numel() for p in params))
+    probes = []
+    for _ in range(num_probes):
+        z = _rademacher_like(params, generator)
+        with snapshot.shifted(z, alpha=alpha):
+            probes.append(per_sample_losses_at().float())
+        del z
+    return torch.stack(probes)
+
+
+def fd_norms(
+    probe_losses: torch.Tensor, clean_losses: torch.Tensor, num_params: int, fd_step: float | None = None
+) -> torch.Tensor:
+    """``n_i = sqrt(d * mean_q D_iq^2)`` with ``D_iq = (l_i(x + h u_q) - l_i(x)) / h``, in fp32.
+
+    Args:
+        probe_losses (`Tensor`): ``[Q, b]`` from `fd_probe_losses`.
+        clean_losses (`Tensor`): ``l_i(x)``, ``[b]``.
+        num_params (`int`): ``d``.
+        fd_step (`float`, *optional*): the ``h`` the probes used.
+    """
+    h = DEFAULT_FD_STEP if fd_step is None else fd_step
+    slopes = (probe_losses - clean_losses.detach().float()) / h
+    return (slopes.square().mean(0) * num_params).sqrt()
+
+
+def exact_sample_grad_norms(
+    losses: torch.Tensor, params: Sequence[torch.Tensor], chunk_size: int = 32, retain_graph: bool = True
+) -> torch.Tensor:
+    """Exact per-sample gradient norms ``||grad l_i(x)||`` by batched backward passes over one forward's graph.
+
+    Each chunk of ``c`` samples costs one vmapped backward (``torch.autograd.grad(..., is_grads_batched=True)``) and
+    ``c * d`` numbers of memory.
+
+    Args:
+        losses (`Tensor`): per-sample losses ``[b]`` with their autograd graph.
+        params (`Sequence[Tensor]`): the parameters to differentiate.
+        chunk_size (`int`): samples per batched backward.
+        retain_graph (`bool`): keep the graph for a later backward (the ascent gradient).
+
+    Returns:
+        `Tensor`: ``[b]``, fp32.
+    """
+    b = losses.shape[0]
+    eye = torch.eye(b, dtype=losses.dtype, device=losses.device)
+    sq_norms = []
+    for start in range(0, b, chunk_size):
+        rows = eye[start : start + chunk_size]
+        last = start + chunk_size >= b
+        grads = torch.autograd.grad(
+            losses, list(params), grad_outputs=rows, is_grads_batched=True,
+            retain_graph=retain_graph or not last, allow_unused=True,
+        )
+        chunk_sq = torch.zeros(rows.shape[0], dtype=torch.float32, device=losses.device)
+        for g in grads:
+            if g is not None:
+                chunk_sq += g.float().reshape(rows.shape[0], -1).square().sum(dim=1)
+        sq_norms.append(chunk_sq)
+    return torch.cat(sq_norms).sqrt()
+
+
+def sample_grad_norms(
+    model: nn.Module,
+    inputs: dict,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor],
+    method: str = "fd",
+    num_probes: int = 1,
+    fd_step: float | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 32,
+) -> torch.Tensor:
+    """Per-sample gradient norms ``n_i ~ ||grad l_i(x)||`` of a model on a batch, without any Trainer.
+
+    The model is used in whatever mode it is in; randomness (dropout) is replayed so every probe sees the clean
+    pass's random numbers, BatchNorm running statistics are not updated by the probes, and the parameters are
+    restored bit-exactly.
+
+    Args:
+        model (`nn.Module`): the model; all parameters with ``requires_grad`` count.
+        inputs (`dict`): the batch.
+        loss_fn (`Callable`): ``loss_fn(model, inputs) -> Tensor[b]`` of per-sample losses.
+        method (`str`): ``"fd"`` (finite differences, `num_probes` extra forwards) or ``"exact"``.
+        num_probes (`int`): probes ``Q`` for ``"fd"``.
+        fd_step (`float`, *optional*): ``h`` for ``"fd"``; defaults to `DEFAULT_FD_STEP`.
+        generator (`torch.Generator`, *optional*): draws the Rademacher probes.
+        chunk_size (`int`): samples per batched backward for ``"exact"``.
+
+    Returns:
+        `Tensor`: ``[b]`` fp32 norms.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    if method == "exact":
+        return exact_sample_grad_norms(loss_fn(model, inputs), params, chunk_size, retain_graph=False)
+    if method != "fd":
+        raise ValueError(f"method={method!r} is not supported; choose 'fd' or 'exact'.")
+    rng = RNGReplay(device)
+    snapshot = ParameterSnapshot()
+    snapshot.save(params)
+    bn_modules = running_stat_modules(model)
+
+    def probe_losses():
+        with rng.replay(), frozen_running_stats(bn_modules):
+            return loss_fn(model, inputs)
+
+    probes = fd_probe_losses(probe_losses, params, snapshot, num_probes, fd_step, generator)
+    with torch.no_grad():  # the clean pass, with the random numbers the probes replayed
+        clean = loss_fn(model, inputs)
+    return fd_norms(probes, clean, sum(p.numel() for p in params), fd_step)
+
+
+def effective_sample_size(p: torch.Tensor) -> torch.Tensor:
+    """``(sum p)^2 / sum p^2``, from 1 (one sample has all the weight) to ``b`` (uniform)."""
+    return p.sum(-1).square() / p.square().sum(-1)
+
+
+def _lambda_for_target_ess(scores: torch.Tensor, target: float, grid: int = 128, rounds: int = 3) -> torch.Tensor:
+    """The ``lambda >= 0`` with ``ESS(softmax(lambda * s)) = target * b``, by grid refinement in log-space.
+
+    ESS falls monotonically from ``b`` at ``lambda = 0`` to the number of tied maxima as ``lambda -> inf`` (its
+    log-derivative is ``2 (E_p[s] - E_{p^2}[s]) <= 0``). Each round evaluates a grid of lambdas in one batched
+    softmax and keeps the bracketing cell: no host synchronisation, a dozen kernel launches. Targets outside the
+    reachable range are clamped: a target of 1 gives ``lambda = 0`` (SAM); one below the limit gives the largest
+    lambda of the search range (``1e6 / (max s - min s)``).
+    """
+    b = scores.shape[-1]
+    spread = (scores.max() - scores.min()).clamp_min(torch.finfo(scores.dtype).tiny)
+    goal = target * b
+    lo = torch.full((), -12.0, dtype=scores.dtype, device=scores.device)  # log10(lambda * spread)
+    hi = torch.full((), 6.0, dtype=scores.dtype, device=scores.device)
+    steps = torch.linspace(0.0, 1.0, grid, dtype=scores.dtype, device=scores.device)
+    for _ in range(rounds):
+        log_lams = lo + (hi - lo) * steps
+        ess = effective_sample_size(torch.softmax((10.0**log_lams / spread)[:, None] * scores, dim=-1))
+        cell = ((ess >= goal).sum() - 1).clamp(0, grid - 2)  # ess[cell] >= goal > ess[cell + 1]
+        lo, hi = log_lams[cell], log_lams[cell + 1]
+    lam = 10.0 ** ((lo + hi) / 2) / spread
+    return torch.where(torch.as_tensor(goal >= b * (1 - 1e-6), device=scores.device), torch.zeros_like(lam), lam)
+
+
+def _cap_weights(p: torch.Tensor, cap: float) -> torch.Tensor:
+    """The distribution ``min(cap, alpha * p)`` summing to 1: iterative capping and renormalisation, in closed form.
+
+    Sort ``p`` descending; if the ``k`` largest are capped, the others scale by ``alpha_k = (1 - k cap) / sum_rest``;
+    ``k`` is the smallest count for which the largest uncapped weight stays under the cap after scaling.
+    """
+    b = p.shape[-1]
+    sorted_p, order = torch.sort(p, descending=True)
+    k = torch.arange(b + 1, device=p.device)
+    rest = torch.cat([sorted_p.flip(-1).cumsum(-1).flip(-1), sorted_p.new_zeros(1)])  # sum of sorted_p[k:]
+    alpha = (1 - k * cap) / rest.clamp_min(torch.finfo(p.dtype).tiny)
+    largest_uncapped = torch.cat([sorted_p, sorted_p.new_zeros(1)])
+    feasible = (alpha * largest_uncapped <= cap * (1 + 1e-6)) | (k == b)
+    k_star = feasible.int().argmax()  # the first feasible k
+    capped = torch.where(k[:b] < k_star, torch.full_like(sorted_p, cap), alpha[k_star] * sorted_p)
+    return torch.empty_like(p).scatter_(-1, order, capped)
+
+
+def gibbs_weights(
+    norms: torch.Tensor,
+    lam: float = 1.0,
+    normalize: str = "mean",
+    target_ess: float | None = None,
+    max_weight: float | None = None,
+    return_lambda: bool = False,
+):
+    """RW-SAM's Gibbs distribution over per-sample gradient norms.
+
+    ``p = softmax(lambda * s)`` with ``s = n / mean(n)`` (``normalize="mean"``, scale-free lambda) or ``s = n``
+    (``"none"``, the paper's raw form). Computed in fp32.
+
+    Args:
+        norms (`Tensor`): ``n``, shape ``[b]``.
+        lam (`float`): ``lambda >= 0``; 0 gives the uniform distribution (SAM). Ignored when `target_ess` is set.
+        normalize (`str`): ``"mean"`` or ``"none"``.
+        target_ess (`float`, *optional*): in (0, 1]; choose lambda so the effective sample size
+            ``(sum p)^2 / sum p^2`` is ``target_ess * b`` (clamped where unattainable).
+        max_weight (`float`, *optional*): ``c >= 1``; cap every ``p_i`` at ``c / b``, renormalising the rest. Applied
+            after lambda is chosen, so the ESS can only grow.
+        return_lambda (`bool`): also return the lambda used (a 0-dim tensor).
+
+    Returns:
+        `Tensor` ``[b]`` summing to 1 (and the lambda if asked).
+    """
+    if normalize not in ("mean", "none"):
+        raise ValueError(f"normalize={normalize!r} is not supported; choose 'mean' or 'none'.")
+    n = norms.detach().float()
+    b = n.shape[-1]
+    scores = n / n.mean().clamp_min(torch.finfo(n.dtype).tiny) if normalize == "mean" else n
+    if target_ess is not None:
+        lam_t = _lambda_for_target_ess(scores, target_ess)
+    else:
+        lam_t = torch.tensor(float(lam), device=n.device)
+    p = torch.softmax(lam_t * scores, dim=-1)
+    if max_weight is not None:
+        p = _cap_weights(p, max_weight / b)
+    return (p, lam_t) if return_lambda else p

@@ -1,0 +1,71 @@
+"""Model state that the extra passes of a SAM step must not disturb: BatchNorm running statistics and the RNG.
+
+A SAM step runs the network several times on the same batch (ascent, finite-difference probes, descent). Two
+conventions make those passes behave like one training forward:
+
+* **BatchNorm running statistics move once.** Every extra pass normalises with the statistics of its own batch,
+  exactly as in training mode, but leaves ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched
+  (davda54/sam's ``disable_running_stats``, done here by switching ``track_running_stats`` off, which skips the
+  ``num_batches_tracked`` increment too and is immune to ``0 * nan``).
+* **Every pass sees the same random numbers** (dropout masks, stochastic depth): the extra passes replay the RNG
+  state captured before the ascent pass, as the JAX reference implementation of SAM does, and the RNG is left where
+  the ascent pass put it, so the step consumes exactly the random numbers a plain training step consumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+
+def running_stat_modules(model: nn.Module) -> list[_NormBase]:
+    """The normalisation layers of `model` that keep running statistics (BatchNorm, SyncBatchNorm, timm's BN-Act)."""
+    return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None]
+
+
+@contextlib.contextmanager
+def frozen_running_stats(modules: list[_NormBase]) -> Iterator[None]:
+    """Normalise with batch statistics without updating running statistics (train-mode forward, stats frozen)."""
+    for module in modules:
+        module.track_running_stats = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.track_running_stats = True
+
+
+class RNGReplay:
+    """Captures the RNG state of the CPU and of the accelerator a model lives on, and replays it on demand.
+
+    Args:
+        device (`torch.device`): the device whose generator the model's random ops use besides the CPU's.
+
+    Usage::
+
+        rng = RNGReplay(device)      # capture, right before the ascent pass
+        ascent()                     # consumes random numbers as usual
+        with rng.replay():           # the same random numbers again; afterwards the RNG is back where ascent() left it
+            descent()
+    """
+
+    def __init__(self, device: torch.device):
+        self.device_type = device.type if device.type not in ("cpu", "meta") else None
+        self.devices = [device] if self.device_type is not None else []
+        self.cpu_state = torch.get_rng_state()
+        self.device_state = self._device_module().get_rng_state(device) if self.device_type else None
+
+    def _device_module(self):
+        return getattr(torch, self.device_type)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self.devices, device_type=self.device_type or "cuda"):
+            torch.set_rng_state(self.cpu_state)
+            if self.device_type:
+                self._device_module().set_rng_state(self.device_state, self.devices[0])
+            yield

@@ -1,0 +1,349 @@
+"""`RWSAMTrainer`: the transformers `Trainer` whose `training_step` is a SAM / ASAM / m-SAM / RW-SAM step.
+
+One step on a micro-batch (ALGORITHMS.md has the full contract):
+
+1. ascent pass at ``x`` (no gradient communication): per-sample losses ``l_i``, ``g = grad(sum_i a_i l_i)`` with
+   ``a_i = 1/b`` (SAM) or RW-SAM's Gibbs weights (after ``Q`` finite-difference probes, or exact norms);
+2. ``e = rho T^2 g / ||T g||``;  3. save ``x`` into one reusable buffer and move to ``x + e``;
+4. descent pass: the Trainer's own `training_step` (``compute_loss`` + ``accelerator.backward``), with the ascent's
+   random numbers replayed and BatchNorm running statistics frozen, so accumulation, AMP scaling and DDP sync are the
+   Trainer's;
+5. restore ``x`` bit-exactly in a ``finally``;  6. return the clean loss for logging.
+
+Gradient clipping, weight decay, the optimizer and the scheduler are the Trainer's and act on the descent gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging
+
+from .config import RWSAMConfig
+from .losses import PerSampleLossFunc, per_sample_loss
+from .sharpness.msam import split_batch, vmap_msam_step
+from .sharpness.perturb import ParameterSnapshot, global_norm, sam_perturbation
+from .sharpness.reweight import (
+    effective_sample_size,
+    exact_sample_grad_norms,
+    fd_norms,
+    fd_probe_losses,
+    gibbs_weights,
+    rademacher_seed,
+)
+from .sharpness.state import RNGReplay, frozen_running_stats, running_stat_modules
+
+logger = logging.get_logger(__name__)
+
+NOISE_COLUMN = "is_noisy"
+"""Optional batch column marking samples whose training label was corrupted; used for diagnostics only."""
+
+
+class _RunningMeans:
+    """Diagnostics accumulated on device between two logs (no host synchronisation per step)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        value = torch.as_tensor(value, dtype=torch.float32).detach()
+        self.sums[name] = self.sums[name] + value.to(self.sums[name].device) if name in self.sums else value.clone()
+        self.counts[name] += 1
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        means = {name: total / self.counts[name] for name, total in self.sums.items()}
+        self.sums, self.counts = {}, defaultdict(int)
+        return means
+
+
+class RWSAMTrainer(Trainer):
+    """A `Trainer` whose training step is sharpness-aware, as set by its [`RWSAMConfig`].
+
+    Args:
+        per_sample_loss_func (`Callable`, *optional*):
+            ``(outputs, labels) -> Tensor[b]`` of per-sample losses for the ascent pass. By default they follow
+            ``model.config.problem_type`` (see `hf_rwsam.losses`).
+        *args, **kwargs: as for `Trainer`; ``args`` must be an `RWSAMConfig`.
+    """
+
+    def __init__(self, *args, per_sample_loss_func: PerSampleLossFunc | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, RWSAMConfig):
+            raise ValueError(f"RWSAMTrainer needs `args` to be an RWSAMConfig, got {type(self.args).__name__}.")
+        if self.args.sam_mode != "none" and self.args.n_gpu > 1:
+            raise ValueError(
+                f"RWSAMTrainer does not support DataParallel (n_gpu={self.args.n_gpu}); launch one process per GPU "
+                "with `accelerate launch` or `torchrun`."
+            )
+        if self.args.sam_mode == "msam" and self.args.msam_implementation == "vmap" and self.accelerator.num_processes > 1:
+            raise ValueError(
+                "RWSAMConfig.msam_implementation='vmap' is invalid with several processes (it bypasses the DDP "
+                "forward); choose 'loop' or 'auto'."
+            )
+        self.per_sample_loss_func = per_sample_loss_func
+        self._snapshot = ParameterSnapshot()
+        self._diagnostics = _RunningMeans()
+        self._micro_step = (-1, 0)  # (global step, index of the micro-batch within it)
+        self._msam_vmap_ok: bool | None = None  # decided on the first m-SAM step under "auto"
+        self._last_training_loss: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ Trainer hooks
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if NOISE_COLUMN not in self._signature_columns:
+            self._signature_columns.append(NOISE_COLUMN)
+
+    def _prepare_inputs(self, inputs):
+        """The Trainer's, minus the `is_noisy` column, which never reaches the model."""
+        return super()._prepare_inputs({k: v for k, v in inputs.items() if k != NOISE_COLUMN})
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss; the last value is kept so the clean loss can be reported in the same units."""
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        self._last_training_loss = (result[0] if return_outputs else result).detach()
+        return result
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the SAM diagnostics, averaged since the previous log and over processes, to training logs."""
+        if "loss" in logs:
+            for name, value in self._diagnostics.pop().items():
+                logs[name] = self.accelerator.reduce(value.to(self.args.device), reduction="mean").item()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ the step
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        mode = self.args.sam_mode
+        if mode == "none":
+            return super().training_step(model, inputs, num_items_in_batch)
+        is_noisy = inputs.get(NOISE_COLUMN)
+        inputs = self._prepare_inputs(inputs)
+        model.train()
+        self._advance_micro_step()
+        if mode == "msam":
+            return self._msam_step(model, inputs, num_items_in_batch)
+        return self._sam_step(model, inputs, num_items_in_batch, reweight=mode == "rwsam", is_noisy=is_noisy)
+
+    def _sam_step(self, model, inputs, num_items_in_batch, reweight=False, is_noisy=None, descent_share=1):
+        """One SAM (or RW-SAM) step on `inputs`; the descent gradient counts for ``1 / descent_share`` of the step."""
+        args = self.args
+        params = self._trainable_params(model)
+        bn_modules = self._running_stat_modules(model)
+        labels = self._labels(inputs)
+        rng = RNGReplay(params[0].device)
+        self._snapshot.save(params)
+
+        with self.accelerator.no_sync(model):
+            if reweight and args.rwsam_estimator == "fd":
+                model_inputs = self._model_inputs(inputs)
+
+                def losses_at_current_params():
+                    with rng.replay(), frozen_running_stats(bn_modules), self.compute_loss_context_manager():
+                        return self._per_sample_losses(model(**model_inputs), labels)
+
+                probes = fd_probe_losses(
+                    losses_at_current_params, params, self._snapshot, args.rwsam_num_probes, args.rwsam_fd_step,
+                    self._probe_generator(params[0].device),
+                )
+            with self.compute_loss_context_manager():
+                clean_loss, outputs = self.compute_loss(
+                    model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
+                )
+            losses = self._per_sample_losses(outputs, labels)
+            del outputs
+            if reweight:
+                if args.rwsam_estimator == "fd":
+                    norms = fd_norms(probes, losses, sum(p.numel() for p in params), args.rwsam_fd_step)
+                else:
+                    norms = exact_sample_grad_norms(losses, params, args.rwsam_exact_chunk_size, retain_graph=True)
+                norms = self._gather_for_scope(norms)
+                weights, lam = gibbs_weights(
+                    norms, args.rwsam_lambda, args.rwsam_normalize, args.rwsam_target_ess, args.rwsam_max_weight,
+                    return_lambda=True,
+                )
+                self._log_weights(weights, lam, is_noisy)
+                ascent_objective = (self._local_slice(weights) * losses).sum()
+            else:
+                ascent_objective = losses.mean()
+            grads = self._ascent_gradient(ascent_objective, params, summed_over_processes=reweight)
+        perturbation = sam_perturbation(params, grads, args.sam_rho, args.sam_adaptive, args.sam_adaptive_eta)
+        self._diagnostics.add("sam/ascent_grad_norm", perturbation.ascent_grad_norm)
+        self._diagnostics.add("sam/skipped_perturbations", float(perturbation.skipped))
+
+        with torch.no_grad():
+            torch._foreach_add_(params, perturbation.e)
+        del perturbation, grads
+        try:
+            with rng.replay(), frozen_running_stats(bn_modules):
+                descent_loss = self._trainer_descent(model, inputs, num_items_in_batch, descent_share)
+        finally:
+            self._snapshot.restore()
+        return self._report_clean_loss(clean_loss, descent_loss, descent_share)
+
+    def _msam_step(self, model, inputs, num_items_in_batch):
+        args = self.args
+        b = len(self._labels(inputs))
+        if b % args.msam_micro_batch_size:
+            raise ValueError(
+                f"RWSAMConfig.msam_micro_batch_size={args.msam_micro_batch_size} does not divide this batch of {b} "
+                "samples (set dataloader_drop_last=True when the dataset size is not a multiple of the batch size)."
+            )
+        k = b // args.msam_micro_batch_size
+        if self._use_msam_vmap(model, k):
+            try:
+                return self._msam_vmap_step(model, inputs, k)
+            except Exception as err:  # noqa: BLE001 -- any failure of torch.func on this model means "use the loop"
+                if args.msam_implementation == "vmap" or self._msam_vmap_ok:
+                    raise
+                logger.warning(f"m-SAM: torch.func cannot run this model ({err!r}); using the loop implementation.")
+                self._msam_vmap_ok = False
+        total = 0.0
+        for j, group in enumerate(split_batch(inputs, k)):
+            sync = contextlib.nullcontext() if j == k - 1 else self.accelerator.no_sync(model)
+            with sync:
+                total = total + self._sam_step(model, group, num_items_in_batch, descent_share=k)
+        return total
+
+    # ------------------------------------------------------------------ pieces of the step
+
+    def _ascent_gradient(self, objective, params, summed_over_processes=False):
+        """``grad(objective)`` without touching ``.grad``; under fp16 on the scaled objective, then unscaled.
+
+        With the ``global`` scope the gradient is averaged (or, for RW-SAM's globally normalised weights, summed)
+        over processes.
+        """
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            objective = scaler.scale(objective)
+        grads = list(torch.autograd.grad(objective, params, materialize_grads=True))
+        if scaler is not None:
+            torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
+        if self.args.sam_perturbation_scope == "global" and self.accelerator.num_processes > 1:
+            reduced = self.accelerator.reduce(grads, reduction="sum" if summed_over_processes else "mean")
+            grads = list(reduced)
+        return grads
+
+    def _trainer_descent(self, model, inputs, num_items_in_batch, share):
+        """The Trainer's own training step (its loss scaling, AMP and DDP sync), counting for ``1 / share``."""
+        steps = self.current_gradient_accumulation_steps
+        self.current_gradient_accumulation_steps = steps * share
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self.current_gradient_accumulation_steps = steps
+
+    def _report_clean_loss(self, clean_loss, descent_loss, share):
+        """The clean loss in the units the Trainer logs (its accumulation scaling), and the sharpness diagnostic.
+
+        The Trainer returned ``descent_loss = c * L(x + e)`` with ``L(x + e)`` kept by `compute_loss`; the same
+        factor ``c`` applies to the clean loss. Sharpness is reported per micro-batch: ``L(x + e) - L(x)``.
+        """
+        perturbed_loss = self._last_training_loss
+        undo_accumulation = self.current_gradient_accumulation_steps * share
+        factor = torch.where(perturbed_loss != 0, descent_loss / perturbed_loss, 1.0 / undo_accumulation)
+        clean = clean_loss.mean() * factor
+        self._diagnostics.add("sam/sharpness", (descent_loss - clean) * undo_accumulation)
+        return clean.detach()
+
+    def _msam_vmap_step(self, model, inputs, k):
+        args = self.args
+        unwrapped = self.accelerator.unwrap_model(model)
+        with self.accelerator.no_sync(model), self.compute_loss_context_manager():
+            result = vmap_msam_step(
+                unwrapped, self._model_inputs(inputs), self._labels(inputs), self._per_sample_losses, k,
+                args.sam_rho, args.sam_adaptive, args.sam_adaptive_eta, self._running_stat_modules(model),
+            )
+        self._msam_vmap_ok = True
+        self.accelerator.backward(result.perturbed_loss / self.current_gradient_accumulation_steps)
+        for norm in result.ascent_grad_norms:
+            self._diagnostics.add("sam/ascent_grad_norm", norm)
+        self._diagnostics.add("sam/skipped_perturbations", result.skipped.sum() / k)
+        clean = result.clean_losses.mean()
+        self._diagnostics.add("sam/sharpness", result.perturbed_loss.detach() - clean)
+        return clean / self.current_gradient_accumulation_steps
+
+    def _use_msam_vmap(self, model, k) -> bool:
+        impl = self.args.msam_implementation
+        if impl != "auto":
+            return impl == "vmap"
+        if self._msam_vmap_ok is False or self.accelerator.num_processes > 1:
+            return False
+        params = self._trainable_params(model)
+        extra_mb = 2 * k * sum(p.numel() * p.element_size() for p in params) / 2**20
+        return extra_mb <= self.args.msam_vmap_max_memory_mb
+
+    def _log_weights(self, weights, lam, is_noisy):
+        b = weights.shape[0]
+        self._diagnostics.add("rwsam/ess", effective_sample_size(weights) / b)
+        self._diagnostics.add("rwsam/max_weight", weights.max() * b)
+        self._diagnostics.add("rwsam/lambda", lam)
+        if is_noisy is not None:
+            noisy = self._gather_for_scope(torch.as_tensor(is_noisy, device=weights.device).float())
+            self._diagnostics.add("rwsam/noisy_weight_mass", (weights * noisy).sum())
+
+    # ------------------------------------------------------------------ helpers
+
+    def _per_sample_losses(self, outputs, labels) -> torch.Tensor:
+        if self.per_sample_loss_func is not None:
+            return self.per_sample_loss_func(outputs, labels).float()
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        return per_sample_loss(
+            outputs, labels, getattr(config, "problem_type", None), self.args.label_smoothing_factor,
+            shift_labels=self._is_causal_lm(),
+        )
+
+    def _is_causal_lm(self) -> bool:
+        return self.accelerator.unwrap_model(self.model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+    def _labels(self, inputs) -> torch.Tensor:
+        name = next((n for n in (self.label_names or ["labels"]) if n in inputs), None)
+        if name is None:
+            raise ValueError(
+                f"RWSAMTrainer needs labels in the batch (looked for {self.label_names or ['labels']}), to compute "
+                "the per-sample losses of the ascent pass."
+            )
+        return inputs[name]
+
+    def _model_inputs(self, inputs) -> dict[str, Any]:
+        """The batch without its labels: the model's forward then returns logits only."""
+        return {k: v for k, v in inputs.items() if k not in (self.label_names or ["labels"])}
+
+    def _trainable_params(self, model) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def _running_stat_modules(self, model):
+        if getattr(self, "_bn_cache", (None, None))[0] is not model:
+            self._bn_cache = (model, running_stat_modules(model))
+        return self._bn_cache[1]
+
+    def _advance_micro_step(self):
+        step, micro = self._micro_step
+        self._micro_step = (self.state.global_step, micro + 1 if step == self.state.global_step else 0)
+
+    def _probe_generator(self, device) -> torch.Generator:
+        """Seeded from (seed, global step, micro-step, rank), so a resumed run draws the same probes."""
+        generator = torch.Generator(device=device)
+        step, micro = self._micro_step
+        generator.manual_seed(rademacher_seed(self.args.seed, step, micro, self.accelerator.process_index))
+        return generator
+
+    def _gather_for_scope(self, values: torch.Tensor) -> torch.Tensor:
+        """All processes' values (global scope) or this process's (device scope)."""
+        if self.args.sam_perturbation_scope == "global" and self.accelerator.num_processes > 1:
+            return self.accelerator.gather(values)
+        return values
+
+    def _local_slice(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's rows of values gathered by `_gather_for_scope`."""
+        if self.args.sam_perturbation_scope == "global" and self.accelerator.num_processes > 1:
+            b = values.shape[0] // self.accelerator.num_processes
+            return values[self.accelerator.process_index * b : (self.accelerator.process_index + 1) * b]
+        return values

@@ -1,0 +1,92 @@
+"""Tiny models and data shared by the tests (all offline, all CPU)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from torch import nn
+
+from hf_rwsam import RWSAMConfig, RWSAMTrainer
+
+
+class TinyMLP(nn.Module):
+    """A Trainer-compatible MLP: forward(x, labels) -> {"logits", "loss"}."""
+
+    def __init__(self, in_features=6, hidden=12, num_classes=3, dropout=0.0, batch_norm=False):
+        super().__init__()
+        layers = [nn.Linear(in_features, hidden)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+class TinyCNN(nn.Module):
+    """A small conv net with BatchNorm, Trainer-compatible."""
+
+    def __init__(self, num_classes=3, channels=4):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.head(self.features(pixel_values))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+def make_tensors(n=32, in_features=6, num_classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return x, y
+
+
+def make_images(n=32, size=6, num_classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, size, size, generator=g), torch.randint(0, num_classes, (n,), generator=g)
+
+
+def tensor_dataset(x, y, input_name="x", **extra_columns) -> Dataset:
+    columns = {input_name: x.tolist(), "labels": y.tolist(), **extra_columns}
+    return Dataset.from_dict(columns).with_format("torch")
+
+
+class SequentialTrainer(RWSAMTrainer):
+    """Batches in dataset order, so a reference loop can see the same micro-batches."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+
+def sgd_config(output_dir, **kwargs) -> RWSAMConfig:
+    """Plain SGD at a constant learning rate, no clipping or weight decay: the setting of the reference tests."""
+    defaults = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=8, learning_rate=0.1, lr_scheduler_type="constant",
+        optim="sgd", weight_decay=0.0, max_grad_norm=0.0, report_to="none", use_cpu=True, save_strategy="no",
+        disable_tqdm=True, logging_steps=1, seed=0, dataloader_num_workers=0,
+    )
+    defaults.update(kwargs)
+    return RWSAMConfig(**defaults)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
