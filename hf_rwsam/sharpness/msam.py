@@ -17,8 +17,9 @@ passes, group after group, as the loop does; under vmap they are captured per gr
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -60,7 +61,7 @@ class _BatchStatsRecorder:
         self.handles = [m.register_forward_pre_hook(self._record) for m in modules]
 
     def _record(self, module, args):
-        x = args[0]
+        x = args[0].float()  # fp32 statistics, also under autocast
         dims = [d for d in range(x.dim()) if d != 1]
         self.called.append(module)
         self.stats.append((x.mean(dims), x.var(dims, correction=1)))
@@ -83,6 +84,25 @@ class _BatchStatsRecorder:
                 momentum = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
                 module.running_mean.lerp_(mean[j].to(module.running_mean.dtype), momentum)
                 module.running_var.lerp_(var[j].to(module.running_var.dtype), momentum)
+
+
+def _match_batchnorm_input_dtype(module, args):
+    """Under autocast, feed BatchNorm its weights' dtype: torch.func cannot differentiate mixed-dtype batch_norm."""
+    if module.weight is not None and args[0].dtype != module.weight.dtype:
+        return (args[0].to(module.weight.dtype), *args[1:])
+    return None
+
+
+@contextlib.contextmanager
+def _vmappable_batchnorm(model: nn.Module) -> Iterator[None]:
+    handles = [
+        m.register_forward_pre_hook(_match_batchnorm_input_dtype) for m in model.modules() if isinstance(m, _NormBase)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def vmap_msam_step(
@@ -131,7 +151,7 @@ def vmap_msam_step(
 
     rng = RNGReplay(labels.device)
     try:
-        with frozen_running_stats(bn_modules):
+        with frozen_running_stats(bn_modules), _vmappable_batchnorm(model):
             grads, (clean, means, variances) = vmap(
                 grad(ascent, has_aux=True), in_dims=(None, *in_dims), randomness="different"
             )(params, grouped, grouped_labels)
@@ -160,7 +180,7 @@ def vmap_msam_step(
         shifted = {n: params[n] + delta[n] for n in names}
         return group_losses(shifted, group_inputs, group_labels).mean()
 
-    with rng.replay(), frozen_running_stats(bn_modules):
+    with rng.replay(), frozen_running_stats(bn_modules), _vmappable_batchnorm(model):
         perturbed = vmap(descent, in_dims=(0, *in_dims), randomness="different")(e, grouped, grouped_labels)
     return MSAMStepResult(
         clean_losses=clean.reshape(b), perturbed_loss=perturbed.mean(), ascent_grad_norms=norms,
