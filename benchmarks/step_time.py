@@ -1,0 +1,254 @@
+"""Per-step time and peak memory of every mode, side by side in one run, plus two peer SAM implementations.
+
+    python benchmarks/step_time.py --quick --json benchmarks/step_time.json
+
+Each variant gets its own copy of the model and optimizer. Variants are timed interleaved (one step of each in turn,
+repeated) after warm-up, so machine noise hits all of them alike; the figure per variant is the median. Ratios
+compare medians of the same run. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the peak resident
+set of a fresh subprocess that runs only that variant (the SGD subprocess is the baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+
+import timm
+import torch
+import torch.nn.functional as F
+from pytorch_optimizer import SAM as PeerSAM
+from torch import nn
+
+from hf_rwsam import RWSAMConfig, RWSAMTrainer
+
+
+class Classifier(nn.Module):
+    """A timm model with the Trainer's calling convention."""
+
+    def __init__(self, name: str, num_classes: int):
+        super().__init__()
+        self.body = timm.create_model(name, num_classes=num_classes)
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.body(pixel_values)
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels) if labels is not None else None}
+
+
+def trainer_variants(batch: int) -> dict[str, dict]:
+    variants = {
+        "sgd": dict(sam_mode="none"),
+        "sam": dict(sam_mode="sam"),
+        "asam": dict(sam_mode="sam", sam_adaptive=True),
+    }
+    for div in (4, 8, 16):
+        for impl in ("loop", "vmap"):
+            variants[f"msam_{impl}_b/{div}"] = dict(
+                sam_mode="msam", msam_micro_batch_size=batch // div, msam_implementation=impl
+            )
+    for q in (1, 2, 4):
+        variants[f"rwsam_fd_q{q}"] = dict(sam_mode="rwsam", rwsam_num_probes=q)
+    variants["rwsam_exact"] = dict(sam_mode="rwsam", rwsam_estimator="exact", rwsam_exact_chunk_size=16)
+    return variants
+
+
+class TrainerStep:
+    """One optimizer step of RWSAMTrainer: its training_step, then the Trainer's optimizer step and zero_grad."""
+
+    def __init__(self, model, batch, settings, device, bf16):
+        args = RWSAMConfig(
+            output_dir="/tmp/hf_rwsam_bench", per_device_train_batch_size=batch["labels"].shape[0], report_to="none",
+            learning_rate=0.05, optim="sgd", max_grad_norm=0.0, bf16=bf16, use_cpu=device.type == "cpu",
+            disable_tqdm=True, **settings,
+        )
+        self.trainer = RWSAMTrainer(model=model, args=args)
+        self.trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+        self.trainer.current_gradient_accumulation_steps = 1
+        self.model, self.batch = self.trainer.model, batch
+
+    def __call__(self):
+        self.trainer.training_step(self.model, self.batch)
+        self.trainer.optimizer.step()
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+
+
+class HandSAMStep:
+    """The davda54/sam first/second step, written out: the peer every SAM implementation is compared with."""
+
+    def __init__(self, model, batch, rho=0.05):
+        self.model, self.batch, self.rho = model, batch, rho
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        self.bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __call__(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.model(**self.batch)["loss"].backward()
+        with torch.no_grad():
+            norm = torch.norm(torch.stack([p.grad.norm(2) for p in params]), 2)
+            e = [p.grad * (self.rho / (norm + 1e-12)) for p in params]
+            for p, ep in zip(params, e):
+                p.add_(ep)
+        self.optimizer.zero_grad(set_to_none=True)
+        momenta = [m.momentum for m in self.bn]
+        for m in self.bn:
+            m.momentum = 0.0
+        self.model(**self.batch)["loss"].backward()
+        for m, mom in zip(self.bn, momenta):
+            m.momentum = mom
+        with torch.no_grad():
+            for p, ep in zip(params, e):
+                p.sub_(ep)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class PeerSAMStep:
+    """pytorch_optimizer.SAM with SGD."""
+
+    def __init__(self, model, batch, rho=0.05):
+        self.model, self.batch = model, batch
+        self.optimizer = PeerSAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=rho, lr=0.05)
+
+    def __call__(self):
+        self.model(**self.batch)["loss"].backward()
+        self.optimizer.first_step(zero_grad=True)
+        self.model(**self.batch)["loss"].backward()
+        self.optimizer.second_step(zero_grad=True)
+
+
+def build(name, base, batch, device, bf16):
+    model = copy.deepcopy(base).to(device)
+    if name == "hand_sam":
+        return HandSAMStep(model, batch)
+    if name == "pytorch_optimizer_sam":
+        return PeerSAMStep(model, batch)
+    return TrainerStep(model, batch, trainer_variants(batch["labels"].shape[0])[name], device, bf16)
+
+
+def make_batch(args, device):
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g)
+    labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=g)
+    return {"pixel_values": pixels.to(device), "labels": labels.to(device)}
+
+
+def all_variant_names(batch_size):
+    return list(trainer_variants(batch_size)) + ["hand_sam", "pytorch_optimizer_sam"]
+
+
+def peak_memory_mb(name, args) -> float:
+    """Peak memory of `name` alone: CUDA allocator peak, or the peak RSS of a fresh subprocess on CPU."""
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        device = torch.device("cuda")
+        step = build(name, make_model(args), make_batch(args, device), device, args.bf16)
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        del step
+        return peak
+    cmd = [sys.executable, __file__, "--memory-of", name, *sys.argv[1:]]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def make_model(args):
+    torch.manual_seed(0)
+    return Classifier(args.model, args.num_classes)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="timm resnet18, 32x32, batch 128 (the reference setting)")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 quick, 20 otherwise)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", default=None, help="comma-separated subset of variants")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    repeats = args.repeats or (7 if args.quick else 20)
+    device = torch.device(args.device)
+
+    if args.memory_of:  # subprocess: run one variant, print its peak RSS in MiB
+        step = build(args.memory_of, make_model(args), make_batch(args, device), device, args.bf16)
+        for _ in range(2):
+            step()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
+
+    names = args.variants.split(",") if args.variants else all_variant_names(args.batch_size)
+    base, batch = make_model(args), make_batch(args, device)
+    steps = {name: build(name, base, batch, device, args.bf16) for name in names}
+    times = {name: [] for name in names}
+    for round_ in range(args.warmup + repeats):
+        for name in names:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            steps[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+        print(f"round {round_ + 1}/{args.warmup + repeats} done", file=sys.stderr)
+    del steps
+
+    modes = {name: {"step_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()}
+    if not args.no_memory:
+        for name in names:
+            modes[name]["peak_mem_mb"] = peak_memory_mb(name, args)
+
+    def ratio(a, b):
+        return modes[a]["step_s"] / modes[b]["step_s"] if a in modes and b in modes else None
+
+    msam_best = min(
+        (n for n in modes if n.startswith("msam_") and n.endswith(f"b/8")), key=lambda n: modes[n]["step_s"], default=None
+    )
+    ratios = {
+        "sam/sgd": ratio("sam", "sgd"),
+        "rwsam/sam": ratio("rwsam_fd_q1", "sam"),
+        "msam/sam": ratio(msam_best, "sam") if msam_best else None,
+        "trainer_sam/loop_sam": ratio("sam", "hand_sam"),
+        "pytorch_optimizer_sam/sgd": ratio("pytorch_optimizer_sam", "sgd"),
+        "asam/sam": ratio("asam", "sam"),
+    }
+    result = {
+        "date": date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+        "setting": dict(model=args.model, image_size=args.image_size, batch_size=args.batch_size,
+                        device=args.device, bf16=args.bf16, repeats=repeats, torch=torch.__version__,
+                        threads=torch.get_num_threads(), machine=platform.machine()),
+        "msam_b/8_best": msam_best,
+        "ratios": ratios,
+        "modes": modes,
+    }
+    print(f"{'variant':28s} {'median s':>9s} {'min s':>8s} {'peak MiB':>9s}")
+    for name, m in modes.items():
+        print(f"{name:28s} {m['step_s']:9.3f} {m['min_s']:8.3f} {m.get('peak_mem_mb', float('nan')):9.0f}")
+    for key, value in ratios.items():
+        print(f"{key:28s} {value:.3f}" if value is not None else f"{key:28s} n/a")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
