@@ -178,14 +178,9 @@ class RWSAMTrainer(Trainer):
         self._diagnostics.add("sam/ascent_grad_norm", perturbation.ascent_grad_norm)
         self._diagnostics.add("sam/skipped_perturbations", float(perturbation.skipped))
 
-        with torch.no_grad():
-            torch._foreach_add_(params, perturbation.e)
-        del perturbation, grads
-        try:
-            with rng.replay(), frozen_running_stats(bn_modules):
-                descent_loss = self._trainer_descent(model, inputs, num_items_in_batch, descent_share)
-        finally:
-            self._snapshot.restore()
+        del grads  # the same tensors as perturbation.e, which `perturbed` consumes
+        with self._snapshot.perturbed(perturbation.e), rng.replay(), frozen_running_stats(bn_modules):
+            descent_loss = self._trainer_descent(model, inputs, num_items_in_batch, descent_share)
         return self._report_clean_loss(clean_loss, descent_loss, descent_share)
 
     def _msam_step(self, model, inputs, num_items_in_batch):

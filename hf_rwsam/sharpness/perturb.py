@@ -103,14 +103,15 @@ class ParameterSnapshot:
         torch._foreach_copy_(self._params, self._buffer)
 
     @contextlib.contextmanager
-    def shifted(self, delta: Sequence[torch.Tensor], alpha: float = 1.0) -> Iterator[None]:
-        """Parameters at ``x + alpha * delta`` inside the block, exactly ``x`` again after it (even on error).
+    def perturbed(self, e: list[torch.Tensor]) -> Iterator[None]:
+        """The saved parameters at ``x + e`` inside the block, exactly ``x`` after it, also when the block raises.
 
-        `save` must have been called with the parameters first.
+        `e` is consumed: the list is emptied once added, so its memory is free while the block runs.
         """
         try:
             with torch.no_grad():
-                torch._foreach_add_(self._params, list(delta), alpha=alpha)
+                torch._foreach_add_(self._params, e)
+            e.clear()
             yield
         finally:
             self.restore()
@@ -128,5 +129,5 @@ def perturbed(params: Sequence[torch.Tensor], e: Sequence[torch.Tensor], snapsho
     """
     snapshot = snapshot if snapshot is not None else ParameterSnapshot()
     snapshot.save(params)
-    with snapshot.shifted(e):
+    with snapshot.perturbed(list(e)):
         yield

