@@ -49,7 +49,8 @@ class RWSAMConfig(TrainingArguments):
         rwsam_num_probes (`int`, defaults to `1`):
             Rademacher probes `Q` of the `"fd"` estimator.
         rwsam_fd_step (`float`, *optional*):
-            Finite-difference step `h`; `None` uses the measured default `hf_rwsam.sharpness.reweight.DEFAULT_FD_STEP`.
+            Finite-difference step `h` along the unit direction; `None` uses the measured default `1e-3 * sqrt(d)`
+            (`hf_rwsam.sharpness.reweight.default_fd_step`).
         rwsam_normalize (`str`, defaults to `"mean"`):
             Scores `s = n / mean(n)` (`"mean"`, scale-free lambda) or `s = n` (`"none"`, the paper's raw form).
         rwsam_target_ess (`float`, *optional*):
@@ -82,7 +83,7 @@ class RWSAMConfig(TrainingArguments):
     )
     rwsam_num_probes: int = field(default=1, metadata={"help": "Rademacher probes Q of the 'fd' estimator (>= 1)."})
     rwsam_fd_step: float | None = field(
-        default=None, metadata={"help": "Finite-difference step h (> 0); None: the documented default."}
+        default=None, metadata={"help": "Finite-difference step h (> 0); None: the measured default 1e-3 * sqrt(d)."}
     )
     rwsam_normalize: str = field(
         default="mean", metadata={"help": f"Score normalisation, one of {RWSAM_NORMALIZATIONS}."}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from hf_rwsam import gibbs_weights, sample_grad_norms
-from hf_rwsam.sharpness.reweight import DEFAULT_FD_STEP
+from hf_rwsam.sharpness.reweight import default_fd_step
 
 from utils import SequentialTrainer, TinyMLP, flat_params, make_tensors, relative_error, sgd_config, tensor_dataset
 
@@ -309,7 +309,7 @@ def test_fd_is_reproducible_with_the_same_generator_seed():
 
 
 def test_default_fd_step_is_in_the_flat_region():
-    """The measurement behind DEFAULT_FD_STEP, on TinyMLP (d = 123, b = 64) with 64 Rademacher probes in fp32.
+    """The measurement behind the default fd step (1e-3 * sqrt(d)), on TinyMLP (d = 123, b = 64) with 64 Rademacher probes in fp32.
 
     Column ``fd vs exact``: mean relative error of the library's fd norms against exact per-sample norms, averaged
     over 16 fixed generator seeds (the same 16 probe sets for every h, so the rows differ only by h). With 64 probes
@@ -328,12 +328,13 @@ def test_default_fd_step_is_in_the_flat_region():
     x, y = make_tensors(64, seed=5)
     inputs = {"x": x, "labels": y}
     exact = loop_grad_norms(model, x, y)
+    params = list(model.parameters())
+    d = sum(p.numel() for p in params)
+    DEFAULT_FD_STEP = default_fd_step(d)
     steps = sorted({1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 3.0, DEFAULT_FD_STEP})
     seeds = range(16)
 
     # independent fd with the test's own probes vs exact directional derivatives for the same probes
-    params = list(model.parameters())
-    d = sum(p.numel() for p in params)
     grads = loop_grad_matrix(model, x, y)  # [b, d] float64
     gen = torch.Generator().manual_seed(1)
     u = (torch.randint(0, 2, (64, d), generator=gen) * 2 - 1).double() / math.sqrt(d)  # [Q, d]

@@ -183,3 +183,22 @@ def test_transformers_sequence_classification_trains_under_rwsam(tmp_path):
     assert logs and all(0 < h["rwsam/ess"] <= 1 and math.isfinite(h["sam/sharpness"]) for h in logs)
     assert not torch.equal(before, flat_params(model))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fd_probes_run_in_fp32_under_bf16_autocast(tmp_path):
+    """bf16 rounding hides or swamps any fd step, so the probes run in fp32: the first step's RW-SAM weights (their
+    ESS and max weight) are those of an fp32 run. Before probes ran in fp32, bf16 gave D = 0 and uniform weights."""
+    x, y = make_tensors(16)
+    first_logs = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        trainer = RWSAMTrainer(
+            model=TinyMLP(), args=sgd_config(tmp_path / str(bf16), sam_mode="rwsam", rwsam_lambda=3.0, bf16=bf16,
+                                             max_steps=1, per_device_train_batch_size=16, rwsam_num_probes=4),
+            train_dataset=tensor_dataset(x, y),
+        )
+        trainer.train()
+        first_logs[bf16] = next(h for h in trainer.state.log_history if "rwsam/ess" in h)
+    assert first_logs[False]["rwsam/ess"] < 0.99  # the weights are not uniform in fp32...
+    for key in ("rwsam/ess", "rwsam/max_weight"):  # ...and bf16 computes the same ones (fp32 rounding)
+        assert first_logs[True][key] == pytest.approx(first_logs[False][key], rel=1e-5), key

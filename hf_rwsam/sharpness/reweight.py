@@ -31,14 +31,21 @@ from .perturb import ParameterSnapshot
 from .state import RNGReplay, frozen_running_stats, running_stat_modules
 
 
-DEFAULT_FD_STEP = 1e-2
-"""Default finite-difference step ``h`` (the length of the step along the unit direction ``u``).
+FD_STEP_PER_COORDINATE = 1e-3
+"""The default finite-difference step moves every coordinate by ``+-1e-3``: ``h = 1e-3 * sqrt(d)`` along ``u``.
 
-Chosen by measurement (``benchmarks/fd_step.py``, recorded in ``benchmarks/RESULTS.md``): on a tiny MLP and on a
-small BatchNorm CNN, in fp32, the mean relative error of the 64-probe estimate against exact norms stays flat at
-its sampling floor for ``h`` from 1e-3 to 1e-1; below 1e-4 fp32 cancellation in ``l(x+hu) - l(x)`` takes over, and
-above ~1 curvature does. 1e-2 sits in the middle of the flat region, two decades from either cliff.
+Chosen by measurement against exact norms (``benchmarks/fd_step.py``, table in ``benchmarks/RESULTS.md``; the
+small-model sweep is also a test, ``tests/test_rwsam.py::test_default_fd_step_is_in_the_flat_region``). In fp32 the
+error is flat over several decades of ``h`` and rises at both ends (rounding in ``l(x + h u) - l(x)`` on the left,
+curvature on the right). A fixed ``h`` cannot serve every model: the flat region of a 123-parameter MLP is
+``h`` in [1e-4, 1] and that of timm's resnet18 (11.2M) is ``h`` in [1e-3, 10], best near 3. Scaling with ``sqrt(d)``
+(h = 0.011 and 3.3) lands in both.
 """
+
+
+def default_fd_step(num_params: int) -> float:
+    """``h = FD_STEP_PER_COORDINATE * sqrt(d)``."""
+    return FD_STEP_PER_COORDINATE * math.sqrt(num_params)
 
 
 def rademacher_seed(seed: int, global_step: int, micro_step: int, rank: int) -> int:
@@ -88,14 +95,14 @@ def fd_probe_losses(
         snapshot (`ParameterSnapshot`): holds an exact copy of ``x`` (already saved); ``x`` is restored from it
             bit-exactly after each probe.
         num_probes (`int`): ``Q``.
-        fd_step (`float`, *optional*): ``h``; defaults to `DEFAULT_FD_STEP`.
+        fd_step (`float`, *optional*): ``h``; defaults to `default_fd_step`.
         generator (`torch.Generator`, *optional*): draws the Rademacher vectors ``z_q``.
 
     Returns:
         `Tensor`: ``[Q, b]`` fp32.
     """
-    h = DEFAULT_FD_STEP if fd_step is None else fd_step
-    alpha = h / math.sqrt(sum(p.numel() for p in params))
+    d = sum(p.numel() for p in params)
+    alpha = (default_fd_step(d) if fd_step is None else fd_step) / math.sqrt(d)
     probes = []
     for _ in range(num_probes):
         try:
@@ -117,7 +124,7 @@ def fd_norms(
         num_params (`int`): ``d``.
         fd_step (`float`, *optional*): the ``h`` the probes used.
     """
-    h = DEFAULT_FD_STEP if fd_step is None else fd_step
+    h = default_fd_step(num_params) if fd_step is None else fd_step
     slopes = (probe_losses - clean_losses.detach().float()) / h
     return (slopes.square().mean(0) * num_params).sqrt()
 
@@ -179,7 +186,7 @@ def sample_grad_norms(
         loss_fn (`Callable`): ``loss_fn(model, inputs) -> Tensor[b]`` of per-sample losses.
         method (`str`): ``"fd"`` (finite differences, `num_probes` extra forwards) or ``"exact"``.
         num_probes (`int`): probes ``Q`` for ``"fd"``.
-        fd_step (`float`, *optional*): ``h`` for ``"fd"``; defaults to `DEFAULT_FD_STEP`.
+        fd_step (`float`, *optional*): ``h`` for ``"fd"``; defaults to `default_fd_step`.
         generator (`torch.Generator`, *optional*): draws the Rademacher probes.
         chunk_size (`int`): samples per batched backward for ``"exact"``.
 
