@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -110,6 +109,17 @@ class HandSAMStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+class ProbeForward:
+    """One no-grad training-mode forward: the cost of an fd probe, hence RW-SAM's floor ``1 + fwd / SAM``."""
+
+    def __init__(self, model, batch):
+        self.model, self.batch = model.train(), {k: v for k, v in batch.items() if k != "labels"}
+
+    @torch.no_grad()
+    def __call__(self):
+        self.model(**self.batch)
+
+
 class PeerSAMStep:
     """pytorch_optimizer.SAM with SGD."""
 
@@ -130,6 +140,8 @@ def build(name, base, batch, device, bf16):
         return HandSAMStep(model, batch)
     if name == "pytorch_optimizer_sam":
         return PeerSAMStep(model, batch)
+    if name == "forward_nograd":
+        return ProbeForward(model, batch)
     return TrainerStep(model, batch, trainer_variants(batch["labels"].shape[0])[name], device, bf16)
 
 
@@ -141,11 +153,13 @@ def make_batch(args, device):
 
 
 def all_variant_names(batch_size):
-    return list(trainer_variants(batch_size)) + ["hand_sam", "pytorch_optimizer_sam"]
+    return list(trainer_variants(batch_size)) + ["hand_sam", "pytorch_optimizer_sam", "forward_nograd"]
 
 
 def peak_memory_mb(name, args) -> float:
-    """Peak memory of `name` alone: CUDA allocator peak, or the peak RSS of a fresh subprocess on CPU."""
+    """Peak memory of `name` alone: the CUDA allocator's peak, or on CPU the peak resident set of a fresh subprocess
+    that runs the variant once to warm up, resets the kernel's high-water mark (``/proc/self/clear_refs``) and runs
+    it twice more (the reset leaves out the libraries' start-up peak, which would hide every difference)."""
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -189,9 +203,14 @@ def main():
 
     if args.memory_of:  # subprocess: run one variant, print its peak RSS in MiB
         step = build(args.memory_of, make_model(args), make_batch(args, device), device, args.bf16)
+        step()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
         for _ in range(2):
             step()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        with open("/proc/self/status") as f:
+            hwm_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        print(hwm_kb / 1024)
         return
 
     names = args.variants.split(",") if args.variants else all_variant_names(args.batch_size)
@@ -229,7 +248,13 @@ def main():
         "trainer_sam/loop_sam": ratio("sam", "hand_sam"),
         "pytorch_optimizer_sam/sgd": ratio("pytorch_optimizer_sam", "sgd"),
         "asam/sam": ratio("asam", "sam"),
+        "rwsam/sam_limit": 1 + ratio("forward_nograd", "sam") if "forward_nograd" in modes else None,
     }
+    memory = {n: m["peak_mem_mb"] for n, m in modes.items() if "peak_mem_mb" in m}
+    if {"sgd", "sam", "rwsam_fd_q1"} <= memory.keys():
+        param_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
+        ratios["sam_extra_mem/param_mem"] = (memory["sam"] - memory["sgd"]) / param_mb
+        ratios["rwsam_mem/sam_mem"] = memory["rwsam_fd_q1"] / memory["sam"]
     result = {
         "date": date.today().isoformat(),
         "command": "python " + " ".join(sys.argv),

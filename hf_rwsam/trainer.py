@@ -28,7 +28,7 @@ from transformers.utils import logging
 from .config import RWSAMConfig
 from .losses import PerSampleLossFunc, per_sample_loss
 from .sharpness.msam import split_batch, vmap_msam_step
-from .sharpness.perturb import ParameterSnapshot, global_norm, sam_perturbation
+from .sharpness.perturb import perturbed, sam_perturbation
 from .sharpness.reweight import (
     effective_sample_size,
     exact_sample_grad_norms,
@@ -88,10 +88,12 @@ class RWSAMTrainer(Trainer):
                 "forward); choose 'loop' or 'auto'."
             )
         self.per_sample_loss_func = per_sample_loss_func
-        self._snapshot = ParameterSnapshot()
         self._diagnostics = _RunningMeans()
         self._micro_step = (-1, 0)  # (global step, index of the micro-batch within it)
         self._msam_vmap_ok: bool | None = None  # decided on the first m-SAM step under "auto"
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._problem_type = getattr(getattr(unwrapped, "config", None), "problem_type", None)
+        self._shift_labels = unwrapped._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         self._last_training_loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ Trainer hooks
@@ -139,15 +141,12 @@ class RWSAMTrainer(Trainer):
         bn_modules = self._running_stat_modules(model)
         labels = self._labels(inputs)
         rng = RNGReplay(params[0].device)
-        self._snapshot.save(params)
 
         with self.accelerator.no_sync(model):
             if reweight and args.rwsam_estimator == "fd":
                 probe_losses = self._fd_forward(model, inputs, labels, rng, bn_modules)
                 generator = self._probe_generator(params[0].device)
-                probes = fd_probe_losses(
-                    probe_losses, params, self._snapshot, args.rwsam_num_probes, args.rwsam_fd_step, generator
-                )
+                probes = fd_probe_losses(probe_losses, params, args.rwsam_num_probes, args.rwsam_fd_step, generator)
                 # Under mixed precision the slopes need an fp32 reference at x too; in fp32 the ascent's losses are it.
                 fd_reference = probe_losses() if self.accelerator.native_amp else None
             with self.compute_loss_context_manager():
@@ -176,8 +175,8 @@ class RWSAMTrainer(Trainer):
         self._diagnostics.add("sam/ascent_grad_norm", perturbation.ascent_grad_norm)
         self._diagnostics.add("sam/skipped_perturbations", float(perturbation.skipped))
 
-        del grads  # the same tensors as perturbation.e, which `perturbed` consumes
-        with self._snapshot.perturbed(perturbation.e), rng.replay(), frozen_running_stats(bn_modules):
+        del grads  # the same tensors as perturbation.e, which `perturbed` turns into x + e
+        with perturbed(params, perturbation.e), rng.replay(), frozen_running_stats(bn_modules):
             descent_loss = self._trainer_descent(model, inputs, num_items_in_batch, descent_share)
         return self._report_clean_loss(clean_loss, descent_loss, descent_share)
 
@@ -308,14 +307,9 @@ class RWSAMTrainer(Trainer):
     def _per_sample_losses(self, outputs, labels) -> torch.Tensor:
         if self.per_sample_loss_func is not None:
             return self.per_sample_loss_func(outputs, labels).float()
-        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
         return per_sample_loss(
-            outputs, labels, getattr(config, "problem_type", None), self.args.label_smoothing_factor,
-            shift_labels=self._is_causal_lm(),
+            outputs, labels, self._problem_type, self.args.label_smoothing_factor, shift_labels=self._shift_labels
         )
-
-    def _is_causal_lm(self) -> bool:
-        return self.accelerator.unwrap_model(self.model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
     def _labels(self, inputs) -> torch.Tensor:
         name = next((n for n in (self.label_names or ["labels"]) if n in inputs), None)

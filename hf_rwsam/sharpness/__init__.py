@@ -1,12 +1,11 @@
 """The sharpness-aware algorithms, independent of the Trainer: a model, a batch and a loss function in, gradients out."""
 
 from .msam import split_batch, vmap_msam_step
-from .perturb import ParameterSnapshot, global_norm, perturbed, sam_perturbation
+from .perturb import global_norm, perturbed, sam_perturbation, swapped_parameters
 from .reweight import effective_sample_size, exact_sample_grad_norms, gibbs_weights, sample_grad_norms
 from .state import RNGReplay, frozen_running_stats, running_stat_modules
 
 __all__ = [
-    "ParameterSnapshot",
     "RNGReplay",
     "effective_sample_size",
     "exact_sample_grad_norms",
@@ -18,5 +17,6 @@ __all__ = [
     "sam_perturbation",
     "sample_grad_norms",
     "split_batch",
+    "swapped_parameters",
     "vmap_msam_step",
 ]

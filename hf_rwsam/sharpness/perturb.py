@@ -9,8 +9,9 @@ exactly the ASAM of davda54/sam and pytorch_optimizer (which add 1e-12 to the no
 instead when the norm is zero or not finite).
 
 Everything works on lists of tensors with ``torch._foreach_*`` kernels: one kernel launch per operation for the whole
-model, no Python loop over parameters, and no parameter-sized allocation per step beyond the ascent gradient, which
-is turned into ``e`` in place.
+model, and no parameter-sized allocation per step beyond the ascent gradient, which is turned into ``e`` and then
+into ``x + e`` in place. The parameters are never copied: they are pointed at ``x + e`` for the descent pass and back
+at their untouched original storage afterwards (`swapped_parameters`).
 """
 
 from __future__ import annotations
@@ -76,58 +77,31 @@ def sam_perturbation(
     return Perturbation(e=grads, ascent_grad_norm=norm, skipped=skipped)
 
 
-class ParameterSnapshot:
-    """One reusable buffer holding an exact copy of the parameters, for perturb-and-restore.
+@contextlib.contextmanager
+def swapped_parameters(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """`params` hold `values` inside the block and their own storage again after it, also when the block raises.
 
-    Allocated once (the first time it is used) and reused by every later step, so a SAM step allocates no
-    parameter-sized memory besides its ascent gradient.
+    The storage is swapped (``p.data = v``), not copied: restoring is bit-exact by construction and costs no pass
+    over the parameters, and nothing needs saving. Each value must match its parameter's shape, dtype and device.
     """
-
-    def __init__(self):
-        self._buffer: list[torch.Tensor] | None = None
-        self._params: list[torch.Tensor] | None = None
-
-    @torch.no_grad()
-    def save(self, params: Sequence[torch.Tensor]) -> None:
-        params = list(params)
-        if self._buffer is None or len(self._buffer) != len(params) or any(
-            b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(self._buffer, params)
-        ):
-            self._buffer = [torch.empty_like(p) for p in params]
-        torch._foreach_copy_(self._buffer, params)
-        self._params = params
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Copy the saved values back, bit for bit."""
-        torch._foreach_copy_(self._params, self._buffer)
-
-    @contextlib.contextmanager
-    def perturbed(self, e: list[torch.Tensor]) -> Iterator[None]:
-        """The saved parameters at ``x + e`` inside the block, exactly ``x`` after it, also when the block raises.
-
-        `e` is consumed: the list is emptied once added, so its memory is free while the block runs.
-        """
-        try:
-            with torch.no_grad():
-                torch._foreach_add_(self._params, e)
-            e.clear()
-            yield
-        finally:
-            self.restore()
+    originals = [p.data for p in params]
+    try:
+        for p, v in zip(params, values):
+            p.data = v
+        yield
+    finally:
+        for p, original in zip(params, originals):
+            p.data = original
 
 
 @contextlib.contextmanager
-def perturbed(params: Sequence[torch.Tensor], e: Sequence[torch.Tensor], snapshot: ParameterSnapshot | None = None):
-    """Parameters at ``x + e`` inside the block, restored bit-exactly afterwards, also when the block raises.
+def perturbed(params: Sequence[torch.Tensor], e: list[torch.Tensor]) -> Iterator[None]:
+    """Parameters at ``x + e`` inside the block, exactly ``x`` afterwards, also when the block raises.
 
-    Args:
-        params (`Sequence[torch.Tensor]`): the parameters to perturb in place.
-        e (`Sequence[torch.Tensor]`): the perturbation, one tensor per parameter.
-        snapshot (`ParameterSnapshot`, *optional*): a reusable buffer; pass the same one every step to avoid
-            allocating a copy of the parameters each time.
+    `e` is consumed: ``x + e`` is written into its storage (one pass over the parameters), which the parameters
+    then use; the original storage of ``x`` is kept aside untouched and swapped back at the end.
     """
-    snapshot = snapshot if snapshot is not None else ParameterSnapshot()
-    snapshot.save(params)
-    with snapshot.perturbed(list(e)):
+    with torch.no_grad():
+        torch._foreach_add_(e, list(params))
+    with swapped_parameters(params, e):
         yield
