@@ -261,3 +261,25 @@ def test_sam_with_gradient_accumulation_is_msam(tmp_path):
     # Not the same as one perturbation for all 32 samples (global SAM on the accumulated batch).
     whole = flat_params(msam_reference(copy.deepcopy(model), x, y, n, RHO, LR, steps))
     assert relative_error(ours, whole) > 100 * TOL
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.01])
+def test_msam_asam_loop_and_vmap_agree(tmp_path, eta):
+    """ASAM scaling per group under vmap (its gradients can be expanded views: no in-place arithmetic on them)."""
+    b, m, steps = 8, 2, 3
+    pixels, labels = make_images(n=b, seed=2)
+    dataset = tensor_dataset(pixels, labels, input_name="pixel_values")
+    model = _cnn()
+    trained = {
+        impl: _train(
+            copy.deepcopy(model), dataset, tmp_path, f"{impl}{eta}", sam_mode="msam", msam_micro_batch_size=m,
+            msam_implementation=impl, per_device_train_batch_size=b, max_steps=steps, sam_adaptive=True,
+            sam_adaptive_eta=eta, sam_rho=0.5,
+        ).model
+        for impl in ("loop", "vmap")
+    }
+    err = relative_error(flat_params(trained["vmap"]), flat_params(trained["loop"]))
+    assert err <= TOL, f"ASAM m-SAM vmap vs loop: relative error {err:.3e}"
+    plain = _train(copy.deepcopy(model), dataset, tmp_path, f"sam{eta}", sam_mode="msam", msam_micro_batch_size=m,
+                   msam_implementation="loop", per_device_train_batch_size=b, max_steps=steps, sam_rho=0.5).model
+    assert relative_error(flat_params(trained["loop"]), flat_params(plain)) > 100 * TOL  # ASAM is not SAM here

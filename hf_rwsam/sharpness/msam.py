@@ -160,20 +160,23 @@ def vmap_msam_step(
     recorder.apply_in_group_order(means, variances)
 
     with torch.no_grad():
-        g = [grads[n] for n in names]
+        g = [grads.pop(n) for n in names]  # torch.func may return expanded views: only out-of-place ops below
         if adaptive:
             scale = [(params[n].abs() + eta) for n in names]
-            torch._foreach_mul_(g, scale)
-        sq = torch.stack([t.float().flatten(1).square().sum(1) for t in g]).sum(0)
-        norms = sq.sqrt()
+            g = list(torch._foreach_mul(g, scale))
+        norms = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=torch.float32) for t in g]), dim=0
+        )  # [k]: ||T g_j||
         usable = torch.isfinite(norms) & (norms > 0)
+        if not bool(usable.all()):  # rare: zero the unusable groups' gradients (they may hold nan or inf)
+            g = [torch.where(usable.view(-1, *[1] * (t.dim() - 1)), t, 0) for t in g]
         factor = torch.where(usable, rho / norms, torch.zeros_like(norms))
         if adaptive:
-            torch._foreach_mul_(g, scale)
-        e = {
-            n: torch.where(usable.view(-1, *[1] * params[n].dim()), t * factor.view(-1, *[1] * params[n].dim()).to(t.dtype), 0)
-            for n, t in zip(names, g)
-        }
+            g = list(torch._foreach_mul(g, scale))
+        e = {}
+        for n in names:  # per-group factors broadcast over each parameter's shape; g's entries freed one by one
+            t = g.pop(0)
+            e[n] = t * factor.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
         del g, grads
 
     def descent(delta, group_inputs, group_labels):
