@@ -114,7 +114,8 @@ class RWSAMTrainer(Trainer):
         return result
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the SAM diagnostics, averaged since the previous log and over processes, to training logs."""
+        """Adds the SAM diagnostics to training logs, each averaged over the steps since the previous log and over
+        processes (so ``sam/skipped_perturbations`` is the fraction of perturbations skipped in that interval)."""
         if "loss" in logs:
             for name, value in self._diagnostics.pop().items():
                 logs[name] = self.accelerator.reduce(value.to(self.args.device), reduction="mean").item()
