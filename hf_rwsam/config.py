@@ -101,11 +101,6 @@ class RWSAMConfig(TrainingArguments):
     def __post_init__(self):
         self._validate_sam_fields()
         super().__post_init__()
-        if self.sam_mode != "none" and self.deepspeed:
-            raise _refuse(
-                "deepspeed", self.deepspeed,
-                "DeepSpeed is not supported with sam_mode != 'none'; use DDP or FSDP through Accelerate",
-            )
 
     def _validate_sam_fields(self):
         choices = {
@@ -142,6 +137,12 @@ class RWSAMConfig(TrainingArguments):
                     "msam_micro_batch_size", m,
                     f"it must be a positive divisor of per_device_train_batch_size={self.per_device_train_batch_size}",
                 )
+        if self.sam_mode != "none" and self.deepspeed:
+            raise _refuse(
+                "deepspeed", self.deepspeed,
+                "DeepSpeed is not supported with sam_mode != 'none' (its engine owns the backward pass and the "
+                "gradients); use DDP (accelerate launch / torchrun) or FSDP through Accelerate",
+            )
         if self.sam_mode != "none" and self.sam_perturbation_scope == "global" and self.gradient_accumulation_steps > 1:
             raise _refuse(
                 "sam_perturbation_scope", "global",

@@ -1,0 +1,101 @@
+"""Worker for tests/test_distributed.py: trains a tiny MLP with RWSAMTrainer under torchrun (gloo, CPU).
+
+Usage: torchrun --nproc_per_node 2 tests/distributed/train_worker.py '<json settings>'
+
+Settings: "config" (RWSAMConfig keyword arguments), "out" (where rank 0 writes the final parameters and the
+collective counts), optional "fail_rank" (that rank raises in its first training step).
+Collectives are counted per phase of the step: every torch.distributed call from Python (our own reductions,
+Accelerate's gather/reduce) and every gradient bucket DDP all-reduces (through a counting comm hook; DDP's
+buckets do not go through the Python API).
+"""
+
+import collections
+import functools
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from utils import SequentialTrainer, TinyMLP, make_tensors, sgd_config, tensor_dataset  # noqa: E402
+
+from transformers import TrainerCallback  # noqa: E402
+
+COUNTS = collections.Counter()
+PHASE = ["outside"]
+COLLECTIVES = ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+               "broadcast", "all_gather_object", "broadcast_object_list", "reduce", "gather", "scatter"]
+
+
+def count_python_collectives():
+    for name in COLLECTIVES:
+        original = getattr(dist, name)
+
+        @functools.wraps(original)
+        def counted(*args, __original=original, __name=name, **kwargs):
+            COUNTS[f"{PHASE[0]}:{__name}"] += 1
+            return __original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+
+def counting_allreduce_hook(state, bucket):
+    COUNTS[f"{PHASE[0]}:ddp_bucket_allreduce"] += 1
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    return allreduce_hook(None, bucket)
+
+
+class PhaseTrainer(SequentialTrainer):
+    """Marks the phases of the step for the collective counts (and fails on purpose when asked)."""
+
+    fail_rank = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.fail_rank == self.args.process_index:
+            raise RuntimeError(f"rank {self.args.process_index} fails on purpose")
+        PHASE[0] = "ascent"
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            PHASE[0] = "outside"
+
+    def _trainer_descent(self, *args, **kwargs):
+        PHASE[0] = "descent"
+        try:
+            return super()._trainer_descent(*args, **kwargs)
+        finally:
+            PHASE[0] = "ascent"
+
+
+class RegisterCommHook(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        wrapped = self.trainer.model_wrapped
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            wrapped.register_comm_hook(None, counting_allreduce_hook)
+
+
+def main():
+    settings = json.loads(sys.argv[1])
+    torch.manual_seed(0)
+    model = TinyMLP()
+    x, y = make_tensors(settings.get("samples", 16), seed=1)
+    args = sgd_config(settings["out"] + ".run", **settings["config"])
+    count_python_collectives()
+    PhaseTrainer.fail_rank = settings.get("fail_rank")
+    trainer = PhaseTrainer(model=model, args=args, train_dataset=tensor_dataset(x, y))
+    trainer.add_callback(RegisterCommHook(trainer))
+    trainer.train()
+    if args.process_index == 0:
+        flat = torch.cat([p.detach().reshape(-1) for p in trainer.accelerator.unwrap_model(trainer.model).parameters()])
+        torch.save({"params": flat, "counts": dict(COUNTS), "world_size": args.world_size,
+                    "distributed_type": str(trainer.accelerator.distributed_type)}, settings["out"])
+
+
+if __name__ == "__main__":
+    main()
