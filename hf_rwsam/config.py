@@ -137,6 +137,12 @@ class RWSAMConfig(TrainingArguments):
                     "msam_micro_batch_size", m,
                     f"it must be a positive divisor of per_device_train_batch_size={self.per_device_train_batch_size}",
                 )
+        if self.sam_mode != "none" and self.fsdp not in (None, False, "", []):
+            raise _refuse(
+                "fsdp", self.fsdp,
+                "FSDP is not supported yet with sam_mode != 'none' (sharded parameters are not in the autograd "
+                "graph, so the ascent gradient needs FSDP's own reduce-scatter); use DDP (accelerate launch / torchrun)",
+            )
         if self.sam_mode != "none" and self.deepspeed:
             raise _refuse(
                 "deepspeed", self.deepspeed,

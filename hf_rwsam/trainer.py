@@ -20,6 +20,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -81,6 +82,13 @@ class RWSAMTrainer(Trainer):
             raise ValueError(
                 f"RWSAMTrainer does not support DataParallel (n_gpu={self.args.n_gpu}); launch one process per GPU "
                 "with `accelerate launch` or `torchrun`."
+            )
+        if self.args.sam_mode != "none" and self.accelerator.distributed_type in (
+            DistributedType.FSDP, DistributedType.DEEPSPEED
+        ):
+            raise ValueError(
+                f"RWSAMTrainer does not support {self.accelerator.distributed_type.value} with "
+                f"sam_mode={self.args.sam_mode!r} yet (from the Accelerate config); use DDP (MULTI_GPU / MULTI_CPU)."
             )
         if self.args.sam_mode == "msam" and self.args.msam_implementation == "vmap" and self.accelerator.num_processes > 1:
             raise ValueError(

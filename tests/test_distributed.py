@@ -112,3 +112,11 @@ def test_deepspeed_is_refused_at_construction_by_name(tmp_path):
 
     with pytest.raises(ValueError, match=r"RWSAMConfig\.deepspeed=.*DDP.*FSDP"):
         RWSAMConfig(output_dir=str(tmp_path), sam_mode="rwsam", deepspeed={"train_batch_size": 8}, use_cpu=True)
+
+
+@pytest.mark.parametrize("fsdp", ["full_shard", True])
+def test_fsdp_is_refused_at_construction_by_name(tmp_path, fsdp):
+    from hf_rwsam import RWSAMConfig
+
+    with pytest.raises(ValueError, match=r"RWSAMConfig\.fsdp=.*not supported yet.*DDP"):
+        RWSAMConfig(output_dir=str(tmp_path), sam_mode="sam", fsdp=fsdp, use_cpu=True)
