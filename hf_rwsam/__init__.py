@@ -1,5 +1,6 @@
 """hf-rwsam: sharpness-aware training (SAM, ASAM, m-SAM, RW-SAM) for the Hugging Face Trainer."""
 
+from . import models  # noqa: F401  (registers the CIFAR architectures in timm)
 from .config import RWSAMConfig
 from .sharpness.reweight import gibbs_weights, sample_grad_norms
 from .trainer import RWSAMTrainer

@@ -1,0 +1,27 @@
+"""CIFAR architectures of the sharpness-aware minimization literature, registered in timm, and `create_model`.
+
+Importing this package (`import hf_rwsam` does) registers `cifar_resnet18`, `cifar_wrn28_10`,
+`cifar_pyramidnet110_a270` and `small_cnn` in timm, so that `timm.create_model` and transformers'
+`TimmWrapperForImageClassification` (hence `AutoModelForImageClassification.from_pretrained`) build them.
+"""
+
+from ._base import ConvNet
+from .cifar_resnet import CifarResNet, cifar_resnet18
+from .factory import create_model
+from .pyramidnet import PyramidBasicBlock, PyramidNet, cifar_pyramidnet110_a270
+from .small_cnn import SmallCnn, small_cnn
+from .wide_resnet import WideResNet, cifar_wrn28_10
+
+__all__ = [
+    "CifarResNet",
+    "ConvNet",
+    "PyramidBasicBlock",
+    "PyramidNet",
+    "SmallCnn",
+    "WideResNet",
+    "cifar_pyramidnet110_a270",
+    "cifar_resnet18",
+    "cifar_wrn28_10",
+    "create_model",
+    "small_cnn",
+]
