@@ -15,7 +15,6 @@ the model, its card, `*_results.json` and a plot of the training curves go to `-
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from hf_rwsam.data import (
     load_image_dataset,
     prepare_dataset,
 )
+from hf_rwsam.data.loading import HUB_DATASETS
 from hf_rwsam.models import create_model
 from hf_rwsam.plotting import plot_training
 
@@ -78,8 +78,9 @@ class OneLineErrorParser(HfArgumentParser):
         sys.exit(f"error: {message} (run with --help for the accepted arguments)")
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, RWSAMConfig]:
-    """Flags, or a JSON/YAML file of settings followed by flags that override it."""
+def parse_arguments(argv: list[str], dataclass_types=(ModelArguments, DataArguments, RWSAMConfig)) -> tuple:
+    """Flags, or a JSON/YAML file of settings followed by flags that override it, parsed into `dataclass_types`
+    (by default this script's `ModelArguments`, `DataArguments` and `RWSAMConfig`; the other examples pass theirs)."""
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         with open(argv[0]) as f:
             settings = yaml.safe_load(f)  # JSON is YAML
@@ -87,7 +88,7 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, RWS
         for key, value in settings.items():
             flags += [f"--{key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
         argv = flags + argv[1:]
-    return OneLineErrorParser((ModelArguments, DataArguments, RWSAMConfig)).parse_args_into_dataclasses(args=argv)
+    return OneLineErrorParser(dataclass_types).parse_args_into_dataclasses(args=argv)
 
 
 def build_datasets(data_args: DataArguments, model_args: ModelArguments, seed: int):
@@ -112,6 +113,51 @@ def build_datasets(data_args: DataArguments, model_args: ModelArguments, seed: i
     return prepared["train"], prepared["test"], train.features["label"].names, noise
 
 
+def train_evaluate_save(trainer: RWSAMTrainer, title: str, noise_rate: float | None = None, **card_kwargs) -> dict:
+    """What every example does once its trainer is built: train, save the model (its card comes with it), log and
+    save the train / eval metrics and the state, push if asked, plot the training curves and say where it all is.
+
+    Args:
+        trainer (`RWSAMTrainer`): the trainer, with its train and eval datasets.
+        title (`str`): the plot's title.
+        noise_rate (`float`, *optional*): the realised label-noise rate, drawn in the plot as the uniform weight.
+        card_kwargs: `Trainer.create_model_card` arguments (``finetuned_from``, ``tags``, ...): the card is rewritten
+            with them after the save, and `push_to_hub` gets them too.
+
+    Returns:
+        `dict`: ``eval_metrics``, ``output_dir`` and, on the main process, ``plot`` (the PNG's path).
+    """
+    args = trainer.args
+    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()
+    if card_kwargs:
+        trainer.create_model_card(**card_kwargs)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    eval_metrics = trainer.evaluate()
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    trainer.save_state()
+    if args.push_to_hub:
+        trainer.push_to_hub(**card_kwargs)
+    summary = {"eval_metrics": eval_metrics, "output_dir": Path(args.output_dir)}
+    if trainer.is_world_process_zero():
+        out = summary["output_dir"]
+        summary["plot"] = plot_training(trainer.state.log_history, out / "training_curves.png", noise_rate, title)
+        scores = ", ".join(f"{name} = {value:.4f}" for name, value in eval_metrics.items()
+                           if not name.endswith(("_runtime", "_per_second")) and name != "epoch")
+        print(f"\nDone. On the evaluation set: {scores}")
+        print(f"  model, config and model card: {out}/model.safetensors, config.json, README.md")
+        print(f"  metrics: {out}/all_results.json, train_results.json, eval_results.json")
+        print(f"  training curves: {summary['plot']}")
+    return summary
+
+
+def dataset_id(name: str) -> str:
+    """The Hub id of a named dataset (for the model card's metadata), else the name itself."""
+    return HUB_DATASETS[name].repo_id if name in HUB_DATASETS else name
+
+
 def main(argv: list[str]) -> dict:
     try:
         model_args, data_args, training_args = parse_arguments(argv)
@@ -133,7 +179,7 @@ def main(argv: list[str]) -> dict:
 
     trainer = RWSAMTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=test_ds, data_collator=collate_images,
-        compute_metrics=compute_metrics,
+        compute_metrics=compute_metrics, dataset_name=dataset_id(data_args.dataset),
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()

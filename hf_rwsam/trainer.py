@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
 
+from .cards import render_model_card
 from .config import RWSAMConfig
 from .losses import PerSampleLossFunc, per_sample_loss
 from .sharpness.msam import split_batch, vmap_msam_step
@@ -71,10 +73,14 @@ class RWSAMTrainer(Trainer):
         per_sample_loss_func (`Callable`, *optional*):
             ``(outputs, labels) -> Tensor[b]`` of per-sample losses for the ascent pass. By default they follow
             ``model.config.problem_type`` (see `hf_rwsam.losses`).
+        dataset_name (`str`, *optional*):
+            The training dataset, e.g. ``"uoft-cs/cifar10"``, for the model card (its ``datasets`` metadata).
         *args, **kwargs: as for `Trainer`; ``args`` must be an `RWSAMConfig`.
     """
 
-    def __init__(self, *args, per_sample_loss_func: PerSampleLossFunc | None = None, **kwargs):
+    def __init__(
+        self, *args, per_sample_loss_func: PerSampleLossFunc | None = None, dataset_name: str | None = None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, RWSAMConfig):
             raise ValueError(f"RWSAMTrainer needs `args` to be an RWSAMConfig, got {type(self.args).__name__}.")
@@ -96,6 +102,7 @@ class RWSAMTrainer(Trainer):
                 "forward); choose 'loop' or 'auto'."
             )
         self.per_sample_loss_func = per_sample_loss_func
+        self.dataset_name = dataset_name
         self._diagnostics = _RunningMeans()
         self._micro_step = (-1, 0)  # (global step, index of the micro-batch within it)
         self._msam_vmap_ok: bool | None = None  # decided on the first m-SAM step under "auto"
@@ -128,6 +135,55 @@ class RWSAMTrainer(Trainer):
             for name, value in self._diagnostics.pop().items():
                 logs[name] = self.accelerator.reduce(value.to(self.args.device), reduction="mean").item()
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ model card
+
+    def create_model_card(
+        self, language=None, license=None, tags=None, model_name=None, finetuned_from=None, dataset=None
+    ) -> None:
+        """Writes the hf-rwsam model card (`hf_rwsam.cards`) to ``output_dir/README.md``.
+
+        `push_to_hub` calls it with its keyword arguments: ``language``, ``license``, ``tags`` (added to hf-rwsam's),
+        ``model_name``, ``finetuned_from`` (the ``base_model``) and ``dataset`` (instead of the trainer's
+        ``dataset_name``).
+        """
+        if self.is_world_process_zero():
+            self._write_model_card(
+                self.args.output_dir, model_name=model_name, dataset_name=dataset, tags=tags, language=language,
+                license=license, base_model=finetuned_from,
+            )
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """The Trainer's save, plus the model card: every checkpoint and every final save gets its README.md."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self._write_model_card(output_dir or self.args.output_dir)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The Trainer's; it uploads ``output_dir`` after copying only the weights there, so the card is refreshed."""
+        self.create_model_card()
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _write_model_card(self, folder: str, model_name=None, dataset_name=None, **card_data) -> None:
+        from .data import label_noise_info  # not at the top: hf_rwsam.data imports this module
+
+        noise_info = None
+        try:
+            noise_info = None if self.train_dataset is None else label_noise_info(self.train_dataset)
+        except ValueError as err:  # a card must not stop the training
+            logger.warning_once(f"The model card leaves out the label noise: {err}")
+        hub_id = self.hub_model_id or self.args.hub_model_id
+        card = render_model_card(
+            self.args,
+            self.state,
+            model_name=model_name or Path(hub_id or self.args.output_dir).name,
+            model_class=type(self.accelerator.unwrap_model(self.model)).__name__,
+            repo_id=hub_id or folder,
+            dataset_name=dataset_name or self.dataset_name,
+            noise_info=noise_info,
+            **card_data,
+        )
+        Path(folder, "README.md").write_text(card, encoding="utf-8")
 
     # ------------------------------------------------------------------ the step
 

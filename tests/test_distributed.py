@@ -9,7 +9,6 @@ The single-process runs are themselves checked against plain references in test_
 and test_rwsam.py. Tolerance 1e-5: the only difference is the order of fp32 sums (all-reduce vs one batch).
 """
 
-import copy
 import json
 import os
 import socket

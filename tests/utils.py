@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+import yaml
+
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
@@ -90,3 +94,15 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def front_matter(card: str) -> dict:
+    """The YAML front matter of a model card."""
+    match = re.match(r"---\n(.*?)\n---\n", card, re.DOTALL)
+    assert match, "the card has no YAML front matter"
+    return yaml.safe_load(match.group(1))
+
+
+def accuracy(eval_pred):
+    """`compute_metrics` for the tests: the fraction of correct argmax predictions."""
+    return {"accuracy": float((eval_pred.predictions.argmax(-1) == eval_pred.label_ids).mean())}

@@ -1,0 +1,180 @@
+"""Model cards: what `render_model_card` writes, and the README.md `RWSAMTrainer` leaves in every saved folder."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, Features, Sequence, Value
+from transformers import TrainerState
+
+from hf_rwsam import RWSAMConfig, RWSAMTrainer
+from hf_rwsam.cards import render_model_card
+from hf_rwsam.data import add_label_noise
+
+from utils import TinyMLP, accuracy, front_matter, make_tensors, sgd_config
+
+SAM_FIELDS = [f.name for f in dataclasses.fields(RWSAMConfig) if f.name.startswith(("sam_", "msam_", "rwsam_"))]
+NON_DEFAULT_SAM = dict(
+    sam_mode="rwsam", sam_rho=0.123, sam_adaptive=True, sam_adaptive_eta=0.02, rwsam_lambda=0.7,
+    rwsam_estimator="exact", rwsam_num_probes=3, rwsam_fd_step=0.004, rwsam_normalize="none", rwsam_target_ess=0.5,
+    rwsam_max_weight=4.0, rwsam_exact_chunk_size=7,
+)
+NOISE = {
+    "noise_type": "symmetric", "rate": 0.4, "realized_rate": 0.3875, "num_classes": 3,
+    "transition_matrix": [[0.6, 0.25, 0.15], [0.2, 0.6, 0.2], [0.125, 0.375, 0.5]],
+}
+LOG_HISTORY = [
+    {"eval_loss": 1.2, "eval_accuracy": 0.5, "eval_runtime": 0.3, "epoch": 1.0, "step": 4},
+    {"loss": 0.9, "learning_rate": 0.1, "epoch": 2.0, "step": 8},
+    {"eval_loss": 0.7, "eval_accuracy": 0.8125, "eval_runtime": 0.2, "eval_samples_per_second": 80.0,
+     "epoch": 2.0, "step": 8},
+    {"train_runtime": 3.0, "train_loss": 1.0, "epoch": 2.0, "step": 8},
+]
+
+
+def render(tmp_path, log_history=LOG_HISTORY, noise_info=NOISE, model_class="TimmWrapperForImageClassification",
+           **kwargs):
+    args = RWSAMConfig(
+        output_dir=str(tmp_path), learning_rate=0.1, per_device_train_batch_size=16,
+        gradient_accumulation_steps=2, optim="sgd", num_train_epochs=2, seed=1234, report_to="none", use_cpu=True,
+        **{**NON_DEFAULT_SAM, **kwargs},
+    )
+    state = TrainerState(global_step=8, epoch=2.0, log_history=log_history)
+    return render_model_card(
+        args, state, model_name="tiny", model_class=model_class, repo_id="user/tiny", dataset_name="uoft-cs/cifar10",
+        noise_info=noise_info, tags=["my-tag"],
+    )
+
+
+def table(card: str, heading: str) -> dict[str, str]:
+    """The two-column table under ``### heading``: first cell (backticks stripped) -> second cell."""
+    section = card.split(f"### {heading}\n", 1)[1].split("\n#", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| `")]
+    return {name.strip().strip("`"): value.strip().strip("`") for name, value in rows}
+
+
+def test_card_lists_every_sharpness_setting_with_its_value(tmp_path):
+    settings = table(render(tmp_path), "Sharpness-aware settings")
+    assert sorted(settings) == sorted(SAM_FIELDS)
+    expected = {
+        "sam_mode": "rwsam", "sam_rho": "0.123", "sam_adaptive": "True", "sam_adaptive_eta": "0.02",
+        "rwsam_lambda": "0.7", "rwsam_estimator": "exact", "rwsam_num_probes": "3", "rwsam_fd_step": "0.004",
+        "rwsam_normalize": "none", "rwsam_target_ess": "0.5", "rwsam_max_weight": "4.0",
+        "rwsam_exact_chunk_size": "7", "msam_micro_batch_size": "None",
+    }
+    assert {name: settings[name] for name in expected} == expected
+
+
+def test_card_lists_the_usual_training_settings(tmp_path):
+    card = render(tmp_path)
+    settings = table(card, "Optimisation")
+    expected = {
+        "learning_rate": "0.1", "per_device_train_batch_size": "16", "gradient_accumulation_steps": "2",
+        "total_train_batch_size": "32", "optim": "sgd", "num_train_epochs": "2", "seed": "1234",
+    }
+    assert {name: settings[name] for name in expected} == expected
+    assert "Optimizer steps: 8 (2.00 epochs)" in card
+
+
+def test_card_describes_the_label_noise(tmp_path):
+    card = render(tmp_path)
+    assert "| Noise type | `symmetric` |" in card
+    assert "| Nominal rate | 40.00% |" in card
+    assert "| Realised rate | 38.75%" in card
+    # the transition matrix, one row per clean class
+    assert "| **0** | 0.600 | 0.250 | 0.150 |" in card
+    assert "| **2** | 0.125 | 0.375 | 0.500 |" in card
+
+
+def test_card_leaves_out_the_matrix_of_many_classes_and_says_when_there_is_no_noise(tmp_path):
+    many = {**NOISE, "num_classes": 21, "transition_matrix": np.eye(21).tolist()}
+    card = render(tmp_path, noise_info=many)
+    assert "| Realised rate | 38.75%" in card
+    assert "transition matrix" not in card and "| **0** |" not in card
+    assert "No label-noise record" in render(tmp_path, noise_info=None)
+
+
+def test_front_matter_has_the_hub_metadata_and_the_latest_accuracy(tmp_path):
+    card = render(tmp_path)
+    meta = front_matter(card)
+    assert meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "image-classification"
+    assert set(meta["tags"]) == {"hf-rwsam", "sharpness-aware-minimization", "rwsam", "image-classification", "my-tag"}
+    assert meta["datasets"] == ["uoft-cs/cifar10"]
+    assert meta["metrics"] == ["accuracy"]
+    (entry,) = meta["model-index"]
+    (result,) = entry["results"]
+    assert entry["name"] == "tiny"
+    assert result["task"]["type"] == "image-classification"
+    assert result["dataset"]["type"] == "uoft-cs/cifar10"
+    assert result["metrics"] == [{"type": "accuracy", "value": 0.8125}]  # the last evaluation, not the first
+    assert "| eval_accuracy | 0.8125 |" in card and "| eval_loss | 0.7000 |" in card
+    assert "eval_runtime" not in card and "eval_samples_per_second" not in card
+
+
+def test_without_evaluation_there_is_no_model_index(tmp_path):
+    card = render(tmp_path, log_history=[{"loss": 0.9, "epoch": 1.0, "step": 4}])
+    assert "model-index" not in front_matter(card)
+    assert "No evaluation was logged." in card
+
+
+def test_plain_trainer_step_is_not_tagged_sharpness_aware(tmp_path):
+    meta = front_matter(render(tmp_path, sam_mode="none"))
+    assert "sharpness-aware-minimization" not in meta["tags"] and "none" not in meta["tags"]
+
+
+def test_card_cites_the_paper_and_shows_how_to_load(tmp_path):
+    card = render(tmp_path)
+    bibtex = card.split("```bibtex\n", 1)[1].split("```", 1)[0]
+    assert bibtex.startswith("@inproceedings{")
+    for text in (
+        "Unveiling m-Sharpness Through the Structure of Stochastic Gradient Noise",
+        "Luo, Haocheng and Harandi, Mehrtash and Phung, Dinh and Le, Trung",
+        "2025", "2509.18001", "Neural Information Processing Systems",
+    ):
+        assert text in bibtex
+    assert "\nimport hf_rwsam " in card
+    assert 'AutoModelForImageClassification.from_pretrained("user/tiny")' in card
+    # a model outside transformers is loaded from its state dict
+    plain = render(tmp_path, model_class="TinyMLP")
+    assert "from_pretrained" not in plain and "load_state_dict" in plain
+
+
+# --------------------------------------------------------------------------------------------- the Trainer
+
+
+def noisy_dataset(n=32, seed=0) -> Dataset:
+    x, y = make_tensors(n=n, seed=seed)
+    features = Features({"x": Sequence(Value("float32")), "label": ClassLabel(num_classes=3)})
+    clean = Dataset.from_dict({"x": x.tolist(), "label": y.tolist()}, features=features)
+    return add_label_noise(clean, noise_type="symmetric", rate=0.25, seed=0).with_format("torch")
+
+
+def test_trainer_writes_the_card_in_every_checkpoint_and_final_save(tmp_path):
+    train = noisy_dataset()
+    args = sgd_config(
+        tmp_path / "out", sam_mode="rwsam", rwsam_lambda=0.7, max_steps=2, save_strategy="steps", save_steps=1,
+        eval_strategy="steps", eval_steps=1,
+    )
+    trainer = RWSAMTrainer(
+        model=TinyMLP(), args=args, train_dataset=train, eval_dataset=noisy_dataset(n=16, seed=1),
+        compute_metrics=accuracy, dataset_name="toy-digits",
+    )
+    trainer.train()
+    trainer.save_model()
+
+    columns = train.with_format("numpy")[:]
+    realised = float(np.mean(columns["label"] != columns["clean_label"]))
+    assert 0 < realised < 1
+    evals = {entry["step"]: entry["eval_accuracy"] for entry in trainer.state.log_history if "eval_accuracy" in entry}
+    for folder, step in ((tmp_path / "out" / "checkpoint-1", 1), (tmp_path / "out" / "checkpoint-2", 2),
+                         (tmp_path / "out", 2)):
+        card = (folder / "README.md").read_text(encoding="utf-8")
+        assert table(card, "Sharpness-aware settings")["rwsam_lambda"] == "0.7"
+        assert f"Optimizer steps: {step} " in card
+        assert f"| Realised rate | {100 * realised:.2f}%" in card
+        meta = front_matter(card)
+        assert meta["datasets"] == ["toy-digits"]
+        assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == pytest.approx(evals[step])
