@@ -141,10 +141,11 @@ def exact_sample_grad_norms(
         retain_graph (`bool`): keep the graph for a later backward (the ascent gradient).
 
     Returns:
-        `Tensor`: ``[b]``, fp32.
+        `Tensor`: ``[b]``, fp32 (fp64 for fp64 losses).
     """
     b = losses.shape[0]
     eye = torch.eye(b, dtype=losses.dtype, device=losses.device)
+    accumulate = torch.promote_types(torch.float32, losses.dtype)  # fp32, or fp64 for a double model
     sq_norms = []
     for start in range(0, b, chunk_size):
         rows = eye[start : start + chunk_size]
@@ -153,10 +154,10 @@ def exact_sample_grad_norms(
             losses, list(params), grad_outputs=rows, is_grads_batched=True,
             retain_graph=retain_graph or not last, allow_unused=True,
         )
-        chunk_sq = torch.zeros(rows.shape[0], dtype=torch.float32, device=losses.device)
+        chunk_sq = torch.zeros(rows.shape[0], dtype=accumulate, device=losses.device)
         for g in grads:
             if g is not None:
-                chunk_sq += g.float().reshape(rows.shape[0], -1).square().sum(dim=1)
+                chunk_sq += g.to(accumulate).reshape(rows.shape[0], -1).square().sum(dim=1)
         sq_norms.append(chunk_sq)
     return torch.cat(sq_norms).sqrt()
 
