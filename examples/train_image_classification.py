@@ -153,16 +153,18 @@ def train_evaluate_save(trainer: RWSAMTrainer, title: str, noise_rate: float | N
     return summary
 
 
-def dataset_id(name: str) -> str:
-    """The Hub id of a named dataset (for the model card's metadata), else the name itself."""
-    return HUB_DATASETS[name].repo_id if name in HUB_DATASETS else name
+def dataset_id(name: str) -> str | None:
+    """The Hub id of a named dataset, for the model card's ``datasets`` metadata (None for digits or a folder)."""
+    return HUB_DATASETS[name].repo_id if name in HUB_DATASETS else None
 
 
 def main(argv: list[str]) -> dict:
     try:
         model_args, data_args, training_args = parse_arguments(argv)
         train_ds, test_ds, class_names, noise = build_datasets(data_args, model_args, training_args.seed)
-    except (DataUnavailableError, ValueError) as err:  # bad settings and unreachable data: one line, what to do
+    except DataUnavailableError as err:  # unreachable data: one line, what to do
+        sys.exit(f"error: {err} (here: --dataset_path DIR)")
+    except ValueError as err:  # bad settings
         sys.exit(f"error: {err}")
     if training_args.should_log:
         logging.set_verbosity_info()
@@ -181,29 +183,10 @@ def main(argv: list[str]) -> dict:
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=test_ds, data_collator=collate_images,
         compute_metrics=compute_metrics, dataset_name=dataset_id(data_args.dataset),
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    eval_metrics = trainer.evaluate()
-    trainer.log_metrics("eval", eval_metrics)
-    trainer.save_metrics("eval", eval_metrics)
-    trainer.save_state()
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
-    summary = {"eval_accuracy": eval_metrics.get("eval_accuracy"), "output_dir": Path(training_args.output_dir)}
-    if trainer.is_world_process_zero():
-        summary["plot"] = plot_training(
-            trainer.state.log_history, summary["output_dir"] / "training_curves.png",
-            noise_rate=noise["realized_rate"] if noise else None,
-            title=f"{model_args.model} on {data_args.dataset}, sam_mode={training_args.sam_mode}",
-        )
-        out = summary["output_dir"]
-        print(f"\nDone. Accuracy on the clean test set: {summary['eval_accuracy']:.4f}")
-        print(f"  model, config and model card: {out}/model.safetensors, config.json, README.md")
-        print(f"  metrics: {out}/all_results.json, train_results.json, eval_results.json")
-        print(f"  training curves: {summary['plot']}")
-    return summary
+    return train_evaluate_save(
+        trainer, title=f"{model_args.model} on {data_args.dataset}, sam_mode={training_args.sam_mode}",
+        noise_rate=noise["realized_rate"] if noise else None,
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 from .config import RWSAMConfig
 
 TEMPLATE_NAME = "rwsam_model_card.md"
-TASK = "image-classification"
 SAM_PREFIXES = ("sam_", "msam_", "rwsam_")
 TRAINING_SETTINGS = (
     "learning_rate", "lr_scheduler_type", "warmup_steps", "optim", "weight_decay", "max_grad_norm",
@@ -61,20 +60,21 @@ def render_model_card(
     Returns:
         `str`: The card, a markdown document with YAML front matter.
     """
+    task = _task(model_class)
     evaluation = _latest_evaluation(state.log_history)
     metrics = evaluation["metrics"] if evaluation else {}
     accuracy = next((value for name, value in metrics.items() if name.endswith("accuracy")), None)
     sam_tags = ["sharpness-aware-minimization", args.sam_mode] if args.sam_mode != "none" else []
     metadata = ModelCardData(
         library_name="transformers",
-        pipeline_tag=TASK,
-        tags=list(dict.fromkeys(["hf-rwsam", *sam_tags, TASK, *(tags or [])])),
+        pipeline_tag=task,
+        tags=list(dict.fromkeys(["hf-rwsam", *sam_tags, task, *(tags or [])])),
         datasets=[dataset_name] if dataset_name else None,
         metrics=["accuracy"],
         model_name=model_name,
         eval_results=None if accuracy is None else [
             EvalResult(
-                task_type=TASK, dataset_type=dataset_name or "custom", dataset_name=dataset_name or "evaluation set",
+                task_type=task, dataset_type=dataset_name or "custom", dataset_name=dataset_name or "evaluation set",
                 metric_type="accuracy", metric_value=accuracy,
             )
         ],
@@ -117,10 +117,17 @@ def _latest_evaluation(log_history: list[dict[str, Any]]) -> dict[str, Any] | No
     return None
 
 
+def _task(model_class: str) -> str:
+    """The Hub pipeline of the model: text classification for ``*ForSequenceClassification``, else image."""
+    return "text-classification" if model_class.endswith("ForSequenceClassification") else "image-classification"
+
+
 def _loader(model_class: str) -> str | None:
     """The `transformers` class whose ``from_pretrained`` loads ``model_class`` (an Auto class where one applies)."""
     if model_class in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values():
         return "AutoModelForImageClassification"
+    if model_class.endswith("ForSequenceClassification"):
+        return "AutoModelForSequenceClassification"
     return model_class if hasattr(transformers, model_class) else None
 
 

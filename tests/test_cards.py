@@ -178,3 +178,12 @@ def test_trainer_writes_the_card_in_every_checkpoint_and_final_save(tmp_path):
         meta = front_matter(card)
         assert meta["datasets"] == ["toy-digits"]
         assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == pytest.approx(evals[step])
+
+
+def test_sequence_classifiers_get_the_text_classification_task_and_loader(tmp_path):
+    card = render(tmp_path, model_class="BertForSequenceClassification")
+    meta = front_matter(card)
+    assert meta["pipeline_tag"] == "text-classification"
+    assert "text-classification" in meta["tags"] and "image-classification" not in meta["tags"]
+    assert meta["model-index"][0]["results"][0]["task"]["type"] == "text-classification"
+    assert "AutoModelForSequenceClassification.from_pretrained" in card
