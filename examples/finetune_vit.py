@@ -24,21 +24,18 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import evaluate
-import numpy as np
 from torchvision import transforms
 from transformers import AutoConfig, AutoModelForImageClassification, set_seed
 from transformers.utils import logging
 
-from hf_rwsam import RWSAMConfig, RWSAMTrainer
-from hf_rwsam.data import DataUnavailableError, collate_images, image_transforms
+from hf_rwsam import RWSAMConfig
+from hf_rwsam.data import DataUnavailableError, image_transforms
 from hf_rwsam.data.transforms import PixelValues
 from train_image_classification import (
-    ACCURACY,
     DataArguments,
     ModelArguments,
     build_datasets,
-    dataset_id,
+    image_classification_trainer,
     parse_arguments,
     train_evaluate_save,
 )
@@ -133,15 +130,7 @@ def main(argv: list[str]) -> dict:
         cache_dir=vit_args.cache_dir,
         revision=vit_args.revision,
     )
-    accuracy = evaluate.load(ACCURACY)
-
-    def compute_metrics(prediction):
-        return accuracy.compute(predictions=np.argmax(prediction.predictions, axis=-1), references=prediction.label_ids)
-
-    trainer = RWSAMTrainer(
-        model=model, args=training_args, train_dataset=train_ds, eval_dataset=test_ds, data_collator=collate_images,
-        compute_metrics=compute_metrics, dataset_name=dataset_id(data_args.dataset),
-    )
+    trainer = image_classification_trainer(model, training_args, train_ds, test_ds, data_args.dataset)
     base_model = vit_args.model_name_or_path
     card = {} if os.path.isdir(base_model) else {"finetuned_from": base_model}  # a Hub id only: the card's base_model
     return train_evaluate_save(

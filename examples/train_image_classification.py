@@ -153,6 +153,19 @@ def train_evaluate_save(trainer: RWSAMTrainer, title: str, noise_rate: float | N
     return summary
 
 
+def image_classification_trainer(model, training_args: RWSAMConfig, train_ds, test_ds, dataset: str) -> RWSAMTrainer:
+    """An `RWSAMTrainer` for image classification: the image collator and accuracy (a local `evaluate` module)."""
+    accuracy = evaluate.load(ACCURACY)
+
+    def compute_metrics(prediction):
+        return accuracy.compute(predictions=np.argmax(prediction.predictions, axis=-1), references=prediction.label_ids)
+
+    return RWSAMTrainer(
+        model=model, args=training_args, train_dataset=train_ds, eval_dataset=test_ds, data_collator=collate_images,
+        compute_metrics=compute_metrics, dataset_name=dataset_id(dataset),
+    )
+
+
 def dataset_id(name: str) -> str | None:
     """The Hub id of a named dataset, for the model card's ``datasets`` metadata (None for digits or a folder)."""
     return HUB_DATASETS[name].repo_id if name in HUB_DATASETS else None
@@ -174,15 +187,7 @@ def main(argv: list[str]) -> dict:
         image_size=model_args.image_size, in_chans=model_args.num_channels,
         **json.loads(model_args.model_args or "{}"),
     )
-    accuracy = evaluate.load(ACCURACY)
-
-    def compute_metrics(prediction):
-        return accuracy.compute(predictions=np.argmax(prediction.predictions, axis=-1), references=prediction.label_ids)
-
-    trainer = RWSAMTrainer(
-        model=model, args=training_args, train_dataset=train_ds, eval_dataset=test_ds, data_collator=collate_images,
-        compute_metrics=compute_metrics, dataset_name=dataset_id(data_args.dataset),
-    )
+    trainer = image_classification_trainer(model, training_args, train_ds, test_ds, data_args.dataset)
     return train_evaluate_save(
         trainer, title=f"{model_args.model} on {data_args.dataset}, sam_mode={training_args.sam_mode}",
         noise_rate=noise["realized_rate"] if noise else None,
