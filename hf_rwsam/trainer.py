@@ -101,6 +101,7 @@ class RWSAMTrainer(Trainer):
                 "RWSAMConfig.msam_implementation='vmap' is invalid with several processes (it bypasses the DDP "
                 "forward); choose 'loop' or 'auto'."
             )
+        self._check_msam_batches()
         self.per_sample_loss_func = per_sample_loss_func
         self.dataset_name = dataset_name
         self._diagnostics = _RunningMeans()
@@ -135,6 +136,21 @@ class RWSAMTrainer(Trainer):
             for name, value in self._diagnostics.pop().items():
                 logs[name] = self.accelerator.reduce(value.to(self.args.device), reduction="mean").item()
         super().log(logs, start_time)
+
+    def _check_msam_batches(self):
+        """m-SAM needs every batch to split into groups of m: refuse at construction a last batch that will not."""
+        args = self.args
+        if args.sam_mode != "msam" or args.dataloader_drop_last or args.world_size > 1:
+            return  # (several processes: Accelerate completes the last batches; each batch is checked as it comes)
+        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+            return
+        last = len(self.train_dataset) % args.per_device_train_batch_size
+        if last % args.msam_micro_batch_size:
+            raise ValueError(
+                f"RWSAMConfig.msam_micro_batch_size={args.msam_micro_batch_size} does not divide the last batch "
+                f"({len(self.train_dataset)} samples in batches of {args.per_device_train_batch_size} leave {last}); "
+                "set dataloader_drop_last=True."
+            )
 
     # ------------------------------------------------------------------ model card
 

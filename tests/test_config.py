@@ -130,3 +130,19 @@ def test_every_sam_field_has_help(tmp_path):
     for f in ours:
         help_text = f.metadata.get("help")
         assert isinstance(help_text, str) and help_text.strip(), f"{f.name} has no help string"
+
+
+def test_msam_refuses_at_construction_a_last_batch_that_does_not_split_into_groups(tmp_path):
+    import torch
+
+    from hf_rwsam import RWSAMTrainer
+    from utils import TinyMLP, make_tensors, sgd_config, tensor_dataset
+
+    x, y = make_tensors(29)
+    args = sgd_config(tmp_path, sam_mode="msam", msam_micro_batch_size=4, per_device_train_batch_size=8)
+    with pytest.raises(ValueError, match=r"msam_micro_batch_size=4 .* leave 5\); set dataloader_drop_last=True"):
+        RWSAMTrainer(model=TinyMLP(), args=args, train_dataset=tensor_dataset(x, y))
+    args = sgd_config(tmp_path, sam_mode="msam", msam_micro_batch_size=4, per_device_train_batch_size=8,
+                      dataloader_drop_last=True, max_steps=1)
+    torch.manual_seed(0)
+    RWSAMTrainer(model=TinyMLP(), args=args, train_dataset=tensor_dataset(x, y)).train()  # drop_last: accepted
