@@ -149,7 +149,8 @@ class RWSAMTrainer(Trainer):
             raise ValueError(
                 f"RWSAMConfig.msam_micro_batch_size={args.msam_micro_batch_size} does not divide the last batch "
                 f"({len(self.train_dataset)} samples in batches of {args.per_device_train_batch_size} leave {last}); "
-                "set dataloader_drop_last=True."
+                "set dataloader_drop_last=True (it drops the last evaluation batch too) or use a training set whose "
+                "size is a multiple of the batch size."
             )
 
     # ------------------------------------------------------------------ model card

@@ -140,7 +140,7 @@ def test_msam_refuses_at_construction_a_last_batch_that_does_not_split_into_grou
 
     x, y = make_tensors(29)
     args = sgd_config(tmp_path, sam_mode="msam", msam_micro_batch_size=4, per_device_train_batch_size=8)
-    with pytest.raises(ValueError, match=r"msam_micro_batch_size=4 .* leave 5\); set dataloader_drop_last=True"):
+    with pytest.raises(ValueError, match=r"msam_micro_batch_size=4 .* leave 5\); set dataloader_drop_last=True .* multiple of the batch size"):
         RWSAMTrainer(model=TinyMLP(), args=args, train_dataset=tensor_dataset(x, y))
     args = sgd_config(tmp_path, sam_mode="msam", msam_micro_batch_size=4, per_device_train_batch_size=8,
                       dataloader_drop_last=True, max_steps=1)
