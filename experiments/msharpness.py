@@ -61,6 +61,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
                 marker="o", capsize=4)
     ax.set(xscale="log", xlabel="m (micro-batch size of the perturbation; m = b is SAM)",
            ylabel="clean test accuracy", title=title)
+    ax.minorticks_off()
     ax.set_xticks([int(m) for m in ms], [str(m) for m in ms])
     fig.savefig(path, dpi=110)
     plt.close(fig)
