@@ -16,6 +16,7 @@ Gradient clipping, weight decay, the optimizer and the scheduler are the Trainer
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -177,8 +178,14 @@ class RWSAMTrainer(Trainer):
             self._write_model_card(output_dir or self.args.output_dir)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """The Trainer's; it uploads ``output_dir`` after copying only the weights there, so the card is refreshed."""
-        self.create_model_card()
+        """The Trainer's; it uploads ``output_dir`` after copying only the weights there, so the card is refreshed.
+
+        Only when the Trainer will push: it skips a push while the previous one is still uploading (unless
+        ``hub_always_push``), and that upload may still be reading the folder.
+        """
+        previous = self.push_in_progress
+        if self.args.hub_always_push or previous is None or previous.is_done():
+            self.create_model_card()
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _write_model_card(self, folder: str, model_name=None, dataset_name=None, **card_data) -> None:
@@ -200,7 +207,11 @@ class RWSAMTrainer(Trainer):
             noise_info=noise_info,
             **card_data,
         )
-        Path(folder, "README.md").write_text(card, encoding="utf-8")
+        # Written aside and renamed into place: an upload reading the folder sees the old card or the new one, never
+        # half of one (the Trainer's uploads ignore names starting with "_").
+        staging = Path(folder, "_README.md.tmp")
+        staging.write_text(card, encoding="utf-8")
+        os.replace(staging, Path(folder, "README.md"))
 
     # ------------------------------------------------------------------ the step
 

@@ -121,9 +121,12 @@ def test_trainer_pushes_model_and_card_and_the_model_loads_back(hub, tmp_path):
     assert trained.keys() == loaded.keys()
     assert all(trained[k].equal(loaded[k]) for k in trained)
 
-    # hub_strategy="checkpoint": each checkpoint pushes output_dir (with a fresh card) and last-checkpoint/
+    # hub_strategy="checkpoint": each checkpoint pushes output_dir (with a fresh card) and last-checkpoint/; the
+    # Trainer skips a push while the previous one is still uploading, so step 2's may legitimately be missing
     commits = {c.message: c for c in hub.repos["user/tiny-ckpt"].commits}
-    for step in (1, 2):
+    pushed_steps = [step for step in (1, 2) if f"Training in progress, step {step}" in commits]
+    assert pushed_steps[:1] == [1], list(commits)
+    for step in pushed_steps:
         at_step = commits[f"Training in progress, step {step}"]
         assert "model.safetensors" in at_step.files
         assert f"Optimizer steps: {step} ".encode() in at_step.files["README.md"]
