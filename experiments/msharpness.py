@@ -56,11 +56,12 @@ def plot(summary: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     ms = sorted(summary, key=int)
-    fig, ax = plt.subplots(figsize=(5, 3.6), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), constrained_layout=True)
     ax.errorbar([int(m) for m in ms], [summary[m]["mean"] for m in ms], yerr=[summary[m]["std"] for m in ms],
                 marker="o", capsize=4)
     ax.set(xscale="log", xlabel="m (micro-batch size of the perturbation; m = b is SAM)",
-           ylabel="clean test accuracy", title=title)
+           ylabel="clean test accuracy")
+    ax.set_title(title, fontsize="medium")
     ax.minorticks_off()
     ax.set_xticks([int(m) for m in ms], [str(m) for m in ms])
     fig.savefig(path, dpi=110)
