@@ -32,6 +32,7 @@ from hf_rwsam import RWSAMConfig
 from hf_rwsam.data import DataUnavailableError, image_transforms
 from hf_rwsam.data.transforms import PixelValues
 from train_image_classification import (
+    base_model_card,
     DataArguments,
     ModelArguments,
     build_datasets,
@@ -132,12 +133,11 @@ def main(argv: list[str]) -> dict:
     )
     trainer = image_classification_trainer(model, training_args, train_ds, test_ds, data_args.dataset)
     base_model = vit_args.model_name_or_path
-    card = {} if os.path.isdir(base_model) else {"finetuned_from": base_model}  # a Hub id only: the card's base_model
     return train_evaluate_save(
         trainer,
         title=f"{os.path.basename(base_model.rstrip('/'))} on {data_args.dataset}, sam_mode={training_args.sam_mode}",
         noise_rate=noise["realized_rate"] if noise else None,
-        **card,
+        **base_model_card(base_model),
     )
 
 

@@ -44,7 +44,7 @@ from finetune_vit import ModelUnavailableError, load_pretrained
 from hf_rwsam import RWSAMConfig, RWSAMTrainer
 from hf_rwsam.data import NOISE_TYPES, DataUnavailableError, add_label_noise, label_noise_info
 from hf_rwsam.data.noise import CLEAN_LABEL_COLUMN
-from train_image_classification import parse_arguments, train_evaluate_save
+from train_image_classification import base_model_card, parse_arguments, train_evaluate_save
 
 GLUE_REPO = "nyu-mll/glue"
 
@@ -237,9 +237,7 @@ def main(argv: list[str]) -> dict:
         data_collator=GlueCollator(tokenizer), compute_metrics=compute_metrics, dataset_name=GLUE_REPO,
     )
     base_model = model_args.model_name_or_path
-    card = {"tags": ["text-classification", "glue", task]}
-    if not os.path.isdir(base_model):  # a Hub id: the card's base_model
-        card["finetuned_from"] = base_model
+    card = {"tags": ["text-classification", "glue", task], **base_model_card(base_model)}
     return train_evaluate_save(
         trainer,
         title=f"{os.path.basename(base_model.rstrip('/'))} on GLUE {task}, sam_mode={training_args.sam_mode}",

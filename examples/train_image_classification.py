@@ -15,6 +15,7 @@ the model, its card, `*_results.json` and a plot of the training curves go to `-
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,12 @@ def train_evaluate_save(trainer: RWSAMTrainer, title: str, noise_rate: float | N
         print(f"  metrics: {out}/all_results.json, train_results.json, eval_results.json")
         print(f"  training curves: {summary['plot']}")
     return summary
+
+
+def base_model_card(model_name_or_path: str) -> dict:
+    """`create_model_card` arguments for a fine-tuned model: its ``base_model`` when it came from the Hub (an id, not a
+    local folder)."""
+    return {} if os.path.isdir(model_name_or_path) else {"finetuned_from": model_name_or_path}
 
 
 def image_classification_trainer(model, training_args: RWSAMConfig, train_ds, test_ds, dataset: str) -> RWSAMTrainer:
