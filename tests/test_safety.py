@@ -1,5 +1,6 @@
 """Nothing is lost: parameters restored on error, BatchNorm statistics moved once, resumed runs identical."""
 
+import contextlib
 import copy
 import math
 
@@ -202,3 +203,23 @@ def test_fd_probes_run_in_fp32_under_bf16_autocast(tmp_path):
     assert first_logs[False]["rwsam/ess"] < 0.99  # the weights are not uniform in fp32...
     for key in ("rwsam/ess", "rwsam/max_weight"):  # ...and bf16 computes the same ones (fp32 rounding)
         assert first_logs[True][key] == pytest.approx(first_logs[False][key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_written_parameters_write_in_place_and_restore_bit_exactly(raises):
+    # FSDP's shards are views of the buffer it all-gathers from: the new values must land in that storage, and the
+    # originals must come back bit for bit, also when the block raises.
+    from hf_rwsam.sharpness import written_parameters
+
+    flat = torch.randn(10, generator=torch.Generator().manual_seed(0))
+    shards = [flat[:4].view(2, 2), flat[4:]]  # views, as FSDP's local shards are
+    before = flat.clone()
+    values = [torch.full((2, 2), 3.0), torch.full((6,), -1.0)]
+    writes = []
+    with pytest.raises(RuntimeError) if raises else contextlib.nullcontext():
+        with written_parameters(shards, values, after_write=lambda: writes.append(flat.clone())):
+            assert torch.equal(flat, torch.cat([v.reshape(-1) for v in values]))
+            if raises:
+                raise RuntimeError("descent failed")
+    assert torch.equal(flat, before)
+    assert len(writes) == 2 and torch.equal(writes[1], before)  # called after the write and after the restore

@@ -1,7 +1,7 @@
 """The sharpness-aware algorithms, independent of the Trainer: a model, a batch and a loss function in, gradients out."""
 
 from .msam import split_batch, vmap_msam_step
-from .perturb import global_norm, perturbed, sam_perturbation, swapped_parameters
+from .perturb import global_norm, perturbed, sam_perturbation, swapped_parameters, written_parameters
 from .reweight import effective_sample_size, exact_sample_grad_norms, gibbs_weights, sample_grad_norms
 from .state import RNGReplay, frozen_running_stats, running_stat_modules
 
@@ -19,4 +19,5 @@ __all__ = [
     "split_batch",
     "swapped_parameters",
     "vmap_msam_step",
+    "written_parameters",
 ]

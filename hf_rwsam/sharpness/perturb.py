@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -95,13 +95,41 @@ def swapped_parameters(params: Sequence[torch.Tensor], values: Sequence[torch.Te
 
 
 @contextlib.contextmanager
-def perturbed(params: Sequence[torch.Tensor], e: list[torch.Tensor]) -> Iterator[None]:
+def written_parameters(
+    params: Sequence[torch.Tensor], values: Sequence[torch.Tensor], after_write: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """`params` hold `values` inside the block, copied into their own storage, and their original values after it.
+
+    For parameters whose storage something else reads: FSDP's local shards are views of the flat buffer it
+    all-gathers from, so pointing them at new storage (`swapped_parameters`) would not change what the forward sees.
+    The originals are saved first (one copy of the local shard) and copied back, bit-exact, also when the block raises.
+    `after_write` runs after each write (FSDP: drop the unsharded copies, so the next forward gathers the new values).
+    """
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        torch._foreach_copy_(list(params), list(values))
+    try:
+        if after_write is not None:
+            after_write()
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(list(params), saved)
+        if after_write is not None:
+            after_write()
+
+
+@contextlib.contextmanager
+def perturbed(
+    params: Sequence[torch.Tensor], e: list[torch.Tensor], assign=swapped_parameters
+) -> Iterator[None]:
     """Parameters at ``x + e`` inside the block, exactly ``x`` afterwards, also when the block raises.
 
-    `e` is consumed: ``x + e`` is written into its storage (one pass over the parameters), which the parameters
-    then use; the original storage of ``x`` is kept aside untouched and swapped back at the end.
+    `e` is consumed: ``x + e`` is written into its storage (one pass over the parameters), which the parameters then
+    hold through `assign`: `swapped_parameters` (default: no copy, the storage of ``x`` is kept aside untouched) or
+    `written_parameters` (sharded parameters).
     """
     with torch.no_grad():
         torch._foreach_add_(e, list(params))
-    with swapped_parameters(params, e):
+    with assign(params, e):
         yield

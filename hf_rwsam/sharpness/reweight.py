@@ -85,6 +85,8 @@ def fd_probe_losses(
     num_probes: int = 1,
     fd_step: float | None = None,
     generator: torch.Generator | None = None,
+    num_coordinates: int | None = None,
+    assign=swapped_parameters,
 ) -> torch.Tensor:
     """Per-sample losses at ``x + h u_q`` for ``q = 1..Q``: the probes of the finite-difference estimator.
 
@@ -97,15 +99,19 @@ def fd_probe_losses(
         num_probes (`int`): ``Q``.
         fd_step (`float`, *optional*): ``h``; defaults to `default_fd_step`.
         generator (`torch.Generator`, *optional*): draws the Rademacher vectors ``z_q``.
+        num_coordinates (`int`, *optional*): ``d``, when `params` are one process's shards of a larger model (each
+            process then draws the signs of its own shard); defaults to the size of `params`.
+        assign (`Callable`): how the parameters hold ``x + h u_q``: `swapped_parameters` or, for sharded parameters,
+            `written_parameters`.
 
     Returns:
         `Tensor`: ``[Q, b]`` fp32.
     """
-    d = sum(p.numel() for p in params)
+    d = num_coordinates or sum(p.numel() for p in params)
     alpha = (default_fd_step(d) if fd_step is None else fd_step) / math.sqrt(d)
     probes = []
     for _ in range(num_probes):
-        with swapped_parameters(params, rademacher_shifted(params, alpha, generator)):
+        with assign(params, rademacher_shifted(params, alpha, generator)):
             probes.append(per_sample_losses_at().float())
     return torch.stack(probes)
 
