@@ -17,6 +17,33 @@ def _refuse(field_name: str, value, allowed: str) -> ValueError:
     return ValueError(f"RWSAMConfig.{field_name}={value!r} is invalid: {allowed}.")
 
 
+FSDP_SUPPORTED = (
+    "Under FSDP, RWSAMTrainer supports FSDP2 with sam_perturbation_scope='global' and sam_mode 'sam' (ASAM included) "
+    "or 'rwsam' with rwsam_estimator='fd'"
+)
+
+
+def fsdp_problems(args, fsdp_version: int) -> list[str]:
+    """What in `args` (an `RWSAMConfig`) a sharded SAM step cannot do; empty when FSDP is fine.
+
+    Each process holds a shard of every parameter, so the only perturbation there is is the global one (the norm is
+    all-reduced over shards), and anything that needs whole parameters on one process is out.
+    """
+    problems = []
+    if fsdp_version != 2:
+        problems.append(f"FSDP version {fsdp_version} (only FSDP2: fsdp_config version 2, Accelerate fsdp_version: 2)")
+    if args.sam_perturbation_scope != "global":
+        problems.append(
+            f"sam_perturbation_scope={args.sam_perturbation_scope!r} (each process holds only a shard of every "
+            "parameter, so the perturbation is the global one: set sam_perturbation_scope='global')"
+        )
+    if args.sam_mode == "msam":
+        problems.append("sam_mode='msam' (per-group perturbations of sharded parameters; RW-SAM mimics m-SAM)")
+    if args.sam_mode == "rwsam" and args.rwsam_estimator == "exact":
+        problems.append("rwsam_estimator='exact' (its batched backward needs whole parameters)")
+    return problems
+
+
 @dataclass
 class RWSAMConfig(TrainingArguments):
     r"""
@@ -138,16 +165,16 @@ class RWSAMConfig(TrainingArguments):
                     f"it must be a positive divisor of per_device_train_batch_size={self.per_device_train_batch_size}",
                 )
         if self.sam_mode != "none" and self.fsdp not in (None, False, "", []):
-            raise _refuse(
-                "fsdp", self.fsdp,
-                "FSDP is not supported yet with sam_mode != 'none' (sharded parameters are not in the autograd "
-                "graph, so the ascent gradient needs FSDP's own reduce-scatter); use DDP (accelerate launch / torchrun)",
-            )
+            # fsdp_config may still be a file path here; RWSAMTrainer checks the version Accelerate then uses
+            version = self.fsdp_config.get("version", 2) if isinstance(self.fsdp_config, dict) else 2
+            problems = fsdp_problems(self, int(version))
+            if problems:
+                raise _refuse("fsdp", self.fsdp, "; ".join(problems) + f". {FSDP_SUPPORTED}")
         if self.sam_mode != "none" and self.deepspeed:
             raise _refuse(
                 "deepspeed", self.deepspeed,
                 "DeepSpeed is not supported with sam_mode != 'none' (its engine owns the backward pass and the "
-                "gradients); use DDP (accelerate launch / torchrun) or FSDP through Accelerate",
+                "gradients); use DDP (accelerate launch / torchrun) or FSDP2 through Accelerate",
             )
         if self.sam_mode != "none" and self.sam_perturbation_scope == "global" and self.gradient_accumulation_steps > 1:
             raise _refuse(

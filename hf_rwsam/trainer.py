@@ -4,7 +4,8 @@ One step on a micro-batch (ALGORITHMS.md has the full contract):
 
 1. ascent pass at ``x`` (no gradient communication): per-sample losses ``l_i``, ``g = grad(sum_i a_i l_i)`` with
    ``a_i = 1/b`` (SAM) or RW-SAM's Gibbs weights (after ``Q`` finite-difference probes, or exact norms);
-2. ``e = rho T^2 g / ||T g||``;  3. save ``x`` into one reusable buffer and move to ``x + e``;
+2. ``e = rho T^2 g / ||T g||``;  3. move to ``x + e`` (the parameters point at new storage; FSDP's shards are
+   written in place);
 4. descent pass: the Trainer's own `training_step` (``compute_loss`` + ``accelerator.backward``), with the ascent's
    random numbers replayed and BatchNorm running statistics frozen, so accumulation, AMP scaling and DDP sync are the
    Trainer's;
@@ -16,6 +17,7 @@ Gradient clipping, weight decay, the optimizer and the scheduler are the Trainer
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -29,10 +31,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import logging
 
 from .cards import render_model_card
-from .config import RWSAMConfig
+from .config import FSDP_SUPPORTED, RWSAMConfig, fsdp_problems
 from .losses import PerSampleLossFunc, per_sample_loss
 from .sharpness.msam import split_batch, vmap_msam_step
-from .sharpness.perturb import perturbed, sam_perturbation
+from .sharpness.perturb import global_norm, perturbed, sam_perturbation, swapped_parameters, written_parameters
 from .sharpness.reweight import (
     effective_sample_size,
     exact_sample_grad_norms,
@@ -90,13 +92,23 @@ class RWSAMTrainer(Trainer):
                 f"RWSAMTrainer does not support DataParallel (n_gpu={self.args.n_gpu}); launch one process per GPU "
                 "with `accelerate launch` or `torchrun`."
             )
-        if self.args.sam_mode != "none" and self.accelerator.distributed_type in (
-            DistributedType.FSDP, DistributedType.DEEPSPEED
-        ):
+        distributed_type = self.accelerator.distributed_type
+        if self.args.sam_mode != "none" and distributed_type == DistributedType.DEEPSPEED:
             raise ValueError(
-                f"RWSAMTrainer does not support {self.accelerator.distributed_type.value} with "
-                f"sam_mode={self.args.sam_mode!r} yet (from the Accelerate config); use DDP (MULTI_GPU / MULTI_CPU)."
+                f"RWSAMTrainer does not support DeepSpeed with sam_mode={self.args.sam_mode!r} (from the Accelerate "
+                "config): its engine owns the backward pass and the gradients; use DDP or FSDP2."
             )
+        self._sharded = self.args.sam_mode != "none" and distributed_type == DistributedType.FSDP
+        if self._sharded:
+            problems = fsdp_problems(self.args, self.accelerator.state.fsdp_plugin.fsdp_version)
+            if problems:
+                raise ValueError(f"RWSAMTrainer under FSDP (from the Accelerate config): {'; '.join(problems)}. "
+                                 f"{FSDP_SUPPORTED}.")
+            if self.args.sam_mode == "rwsam" and self.accelerator.mixed_precision != "no":
+                logger.warning(
+                    "RW-SAM under FSDP with mixed precision: the finite-difference probes run at FSDP's compute dtype, "
+                    "and benchmarks/fd_step.py found bf16 probes useless; keep FSDP's parameters in fp32 for them."
+                )
         if self.args.sam_mode == "msam" and self.args.msam_implementation == "vmap" and self.accelerator.num_processes > 1:
             raise ValueError(
                 "RWSAMConfig.msam_implementation='vmap' is invalid with several processes (it bypasses the DDP "
@@ -231,15 +243,20 @@ class RWSAMTrainer(Trainer):
         """One SAM (or RW-SAM) step on `inputs`; the descent gradient counts for ``1 / descent_share`` of the step."""
         args = self.args
         params = self._trainable_params(model)
+        shards = self._local_shards(params)  # the parameters themselves, or this process's shards under FSDP
+        num_coordinates = sum(p.numel() for p in params)  # d of the whole model (a DTensor counts all its shards)
+        assign = self._written_shards(model) if self._sharded else swapped_parameters
         bn_modules = self._running_stat_modules(model)
         labels = self._labels(inputs)
-        rng = RNGReplay(params[0].device)
+        rng = RNGReplay(labels.device)
 
-        with self.accelerator.no_sync(model):
+        # FSDP's ascent gradient is its own reduce-scatter (global scope), so only DDP skips the gradient sync
+        with contextlib.nullcontext() if self._sharded else self.accelerator.no_sync(model):
             if reweight and args.rwsam_estimator == "fd":
                 probe_losses = self._fd_forward(model, inputs, labels, rng, bn_modules)
-                generator = self._probe_generator(params[0].device)
-                probes = fd_probe_losses(probe_losses, params, args.rwsam_num_probes, args.rwsam_fd_step, generator)
+                generator = self._probe_generator(labels.device)
+                probes = fd_probe_losses(probe_losses, shards, args.rwsam_num_probes, args.rwsam_fd_step, generator,
+                                         num_coordinates=num_coordinates, assign=assign)
                 # Under mixed precision the slopes need an fp32 reference at x too; in fp32 the ascent's losses are it.
                 fd_reference = probe_losses() if self.accelerator.native_amp else None
             with self.compute_loss_context_manager():
@@ -251,7 +268,7 @@ class RWSAMTrainer(Trainer):
             if reweight:
                 if args.rwsam_estimator == "fd":
                     reference = losses if fd_reference is None else fd_reference
-                    norms = fd_norms(probes, reference, sum(p.numel() for p in params), args.rwsam_fd_step)
+                    norms = fd_norms(probes, reference, num_coordinates, args.rwsam_fd_step)
                 else:
                     norms = exact_sample_grad_norms(losses, params, args.rwsam_exact_chunk_size, retain_graph=True)
                 norms = self._gather_for_scope(norms)
@@ -264,12 +281,13 @@ class RWSAMTrainer(Trainer):
             else:
                 ascent_objective = losses.mean()
             grads = self._ascent_gradient(ascent_objective, params, summed_over_processes=reweight)
-        perturbation = sam_perturbation(params, grads, args.sam_rho, args.sam_adaptive, args.sam_adaptive_eta)
+        perturbation = sam_perturbation(shards, grads, args.sam_rho, args.sam_adaptive, args.sam_adaptive_eta,
+                                        norm_fn=self._perturbation_norm)
         self._diagnostics.add("sam/ascent_grad_norm", perturbation.ascent_grad_norm)
         self._diagnostics.add("sam/skipped_perturbations", float(perturbation.skipped))
 
         del grads  # the same tensors as perturbation.e, which `perturbed` turns into x + e
-        with perturbed(params, perturbation.e), rng.replay(), frozen_running_stats(bn_modules):
+        with perturbed(shards, perturbation.e, assign), rng.replay(), frozen_running_stats(bn_modules):
             descent_loss = self._trainer_descent(model, inputs, num_items_in_batch, descent_share)
         return self._report_clean_loss(clean_loss, descent_loss, descent_share)
 
@@ -324,18 +342,60 @@ class RWSAMTrainer(Trainer):
         """``grad(objective)`` without touching ``.grad``; under fp16 on the scaled objective, then unscaled.
 
         With the ``global`` scope the gradient is averaged (or, for RW-SAM's globally normalised weights, summed)
-        over processes.
+        over processes. Under FSDP it is this process's shard of that gradient.
         """
         scaler = self.accelerator.scaler
         if scaler is not None:
             objective = scaler.scale(objective)
-        grads = list(torch.autograd.grad(objective, params, materialize_grads=True))
+        if self._sharded:
+            grads = self._sharded_backward(objective, params)
+            if summed_over_processes:
+                torch._foreach_mul_(grads, float(self.accelerator.num_processes))
+        else:
+            grads = list(torch.autograd.grad(objective, params, materialize_grads=True))
+            if self.args.sam_perturbation_scope == "global" and self.accelerator.num_processes > 1:
+                grads = list(self.accelerator.reduce(grads, reduction="sum" if summed_over_processes else "mean"))
         if scaler is not None:
             torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
-        if self.args.sam_perturbation_scope == "global" and self.accelerator.num_processes > 1:
-            reduced = self.accelerator.reduce(grads, reduction="sum" if summed_over_processes else "mean")
-            grads = list(reduced)
         return grads
+
+    def _sharded_backward(self, objective, params):
+        """FSDP: this process's shard of the gradient of `objective` averaged over processes.
+
+        The sharded parameters are not in the autograd graph (their all-gathered copies are), so the gradient comes
+        from FSDP's own backward, which reduce-scatters the mean over processes into ``.grad``; the gradient already
+        there (accumulated descent gradients) is set aside meanwhile and put back.
+        """
+        kept = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            objective.backward()
+            return [torch.zeros_like(shard) if p.grad is None else p.grad.to_local()
+                    for p, shard in zip(params, self._local_shards(params))]
+        finally:
+            for p, grad in zip(params, kept):
+                p.grad = grad
+
+    def _written_shards(self, model):
+        """Under FSDP, parameters hold new values by writing this process's shards in place; every FSDP module is then
+        resharded, because a module that keeps its all-gathered parameters after the forward (the root does) would
+        otherwise run the next forward on the old values."""
+        from torch.distributed.fsdp import FSDPModule
+
+        fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+        def reshard():
+            for module in fsdp_modules:
+                module.reshard()
+
+        return functools.partial(written_parameters, after_write=reshard)
+
+    def _perturbation_norm(self, tensors):
+        """``||T g||`` over the whole model: under FSDP the square root of the all-reduced squared shard norms."""
+        if not self._sharded:
+            return global_norm(tensors)
+        return self.accelerator.reduce(global_norm(tensors).square(), reduction="sum").sqrt()
 
     def _trainer_descent(self, model, inputs, num_items_in_batch, share):
         """The Trainer's own training step (its loss scaling, AMP and DDP sync), counting for ``1 / share``."""
@@ -419,6 +479,11 @@ class RWSAMTrainer(Trainer):
 
     def _trainable_params(self, model) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def _local_shards(self, params) -> list[torch.Tensor]:
+        """Under FSDP, this process's shards (views of the buffer FSDP all-gathers from); otherwise `params`."""
+        return [p.to_local() for p in params] if self._sharded else params
 
     def _running_stat_modules(self, model):
         if getattr(self, "_bn_cache", (None, None))[0] is not model:

@@ -4,7 +4,9 @@ Each case trains a tiny MLP for a few steps on 8 samples in dataset order (rank 
 4-7 every step) and compares the final parameters with a single-process run on the global batch of 8:
 - ``device`` scope: each process perturbs with its own 4 samples, which is single-process m-SAM with m = 4;
 - ``global`` scope: the ascent gradient is averaged over processes, which is single-process SAM on the 8 samples;
-- RW-SAM ``global`` with exact norms: the Gibbs weights are computed over the global batch.
+- RW-SAM ``global`` with exact norms: the Gibbs weights are computed over the global batch;
+- FSDP2 (Accelerate's plugin, engaged on CPU by the worker): the shards are perturbed with the whole model's norm, so
+  the run is SAM on the global batch.
 The single-process runs are themselves checked against plain references in test_sam_reference.py, test_msam.py
 and test_rwsam.py. Tolerance 1e-5: the only difference is the order of fp32 sums (all-reduce vs one batch).
 """
@@ -113,9 +115,81 @@ def test_deepspeed_is_refused_at_construction_by_name(tmp_path):
         RWSAMConfig(output_dir=str(tmp_path), sam_mode="rwsam", deepspeed={"train_batch_size": 8}, use_cpu=True)
 
 
-@pytest.mark.parametrize("fsdp", ["full_shard", True])
-def test_fsdp_is_refused_at_construction_by_name(tmp_path, fsdp):
+FSDP = {"fsdp": True, "fsdp_config": {"version": 2}, "sam_perturbation_scope": "global"}
+
+
+def launch_fsdp(tmp_path, config):
+    """Accelerate's FSDP2 plugin on 2 CPU processes (train_worker.engage_fsdp_on_cpu); checks the model was sharded."""
+    proc, result = launch(tmp_path, {**FSDP, **config, "per_device_train_batch_size": PER_DEVICE, "max_steps": STEPS},
+                          fsdp=True)
+    params = _check(proc, result)
+    assert result["distributed_type"] == "DistributedType.FSDP"
+    assert set(result["sharded"]) == {"DTensor"}, result["sharded"]
+    return params, result
+
+
+def unsharded_ascent_norm(adaptive=False):
+    """||T g|| of the first step, computed plainly on the whole model and the global batch (ASAM: eta = 0.01)."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    x, y = make_tensors(PER_DEVICE * WORLD, seed=1)
+    grads = torch.autograd.grad(model(x, labels=y)["loss"], list(model.parameters()))
+    scaled = [g * (p.abs() + 0.01) if adaptive else g for g, p in zip(grads, model.parameters())]  # eta = 0.01
+    return float(torch.cat([t.detach().reshape(-1) for t in scaled]).norm())
+
+
+@pytest.mark.parametrize("extra", [{}, {"sam_adaptive": True}])
+def test_fsdp_perturbs_with_the_global_norm_and_equals_sam_on_the_global_batch(tmp_path, extra):
+    ours, result = launch_fsdp(tmp_path, {"sam_mode": "sam", **extra})
+    # each rank holds shards only; the norm it used is the whole model's, the same on every rank
+    expected = unsharded_ascent_norm(adaptive=bool(extra))
+    for (norm,) in result["first_perturbation_norms"]:
+        assert abs(norm - expected) <= 1e-6 * expected, (result["first_perturbation_norms"], expected)
+    sam = single_process(tmp_path, sam_mode="sam", **extra)
+    sgd = single_process(tmp_path / "sgd", sam_mode="none")
+    assert relative_error(ours, sam) <= TOL
+    assert relative_error(ours, sgd) > 10 * TOL  # ASAM at rho = 0.05 moves these weights by 7e-4
+
+
+def test_fsdp_rwsam_fd_restores_the_shards_after_its_probes(tmp_path):
+    # lambda = 0 gives uniform weights whatever the probes say: the run is SAM exactly, unless a probe's shift of
+    # the shards (written in place under FSDP) were not undone bit for bit
+    ours, _ = launch_fsdp(tmp_path, {"sam_mode": "rwsam", "rwsam_lambda": 0.0, "rwsam_num_probes": 2})
+    sam = single_process(tmp_path, sam_mode="sam")
+    assert relative_error(ours, sam) <= TOL
+
+
+def test_fsdp_rwsam_fd_weights_follow_the_per_sample_norms_of_the_whole_model(tmp_path):
+    # Probes drawn shard by shard estimate the norms of whole-model per-sample gradients: with many probes the run
+    # lands much nearer RW-SAM with exact norms than SAM does.
+    config = {"sam_mode": "rwsam", "rwsam_lambda": 4.0}
+    ours, _ = launch_fsdp(tmp_path, {**config, "rwsam_num_probes": 64})
+    exact = single_process(tmp_path, **config, rwsam_estimator="exact")
+    sam = single_process(tmp_path / "sam", sam_mode="sam")
+    assert relative_error(ours, exact) < 0.25 * relative_error(sam, exact)
+
+
+@pytest.mark.parametrize(
+    "config, named",
+    [
+        ({"fsdp_config": {"version": 1}}, r"FSDP version 1 \(only FSDP2"),
+        ({"sam_perturbation_scope": "device"}, r"sam_perturbation_scope='device'.*set sam_perturbation_scope='global'"),
+        ({"sam_mode": "msam", "msam_micro_batch_size": 4}, r"sam_mode='msam'"),
+        ({"sam_mode": "rwsam", "rwsam_estimator": "exact"}, r"rwsam_estimator='exact'"),
+    ],
+)
+def test_fsdp_refuses_what_a_sharded_step_cannot_do_by_name(tmp_path, config, named):
     from hf_rwsam import RWSAMConfig
 
-    with pytest.raises(ValueError, match=r"RWSAMConfig\.fsdp=.*not supported yet.*DDP"):
-        RWSAMConfig(output_dir=str(tmp_path), sam_mode="sam", fsdp=fsdp, use_cpu=True)
+    settings = {"sam_mode": "sam", **FSDP, **config}
+    with pytest.raises(ValueError, match=r"RWSAMConfig\.fsdp=True is invalid: .*" + named + ".*supports FSDP2"):
+        RWSAMConfig(output_dir=str(tmp_path), use_cpu=True, **settings)
+
+
+def test_fsdp_from_the_accelerate_config_is_checked_by_the_trainer_too(tmp_path):
+    # launched with an Accelerate FSDP config, RWSAMConfig.fsdp is unset: the Trainer refuses at construction
+    proc, result = launch(tmp_path, {"sam_mode": "sam", "per_device_train_batch_size": PER_DEVICE, "max_steps": STEPS},
+                          fsdp=True, accelerate_fsdp=True)
+    assert proc.returncode != 0 and result is None
+    assert "RWSAMTrainer under FSDP (from the Accelerate config): sam_perturbation_scope='device'" in (
+        proc.stdout + proc.stderr)

@@ -2,8 +2,10 @@
 
 Usage: torchrun --nproc_per_node 2 tests/distributed/train_worker.py '<json settings>'
 
-Settings: "config" (RWSAMConfig keyword arguments), "out" (where rank 0 writes the final parameters and the
-collective counts), optional "fail_rank" (that rank raises in its first training step).
+Settings: "config" (RWSAMConfig keyword arguments), "out" (where rank 0 writes the final parameters, the
+collective counts and the first perturbation norm of every rank), optional "fail_rank" (that rank raises in its first
+training step), optional "fsdp" (run Accelerate's FSDP2 plugin on CPU, see `engage_fsdp_on_cpu`), optional
+"accelerate_fsdp" (FSDP2 requested by the environment, as `accelerate launch` with an FSDP config does).
 Collectives are counted per phase of the step: every torch.distributed call from Python (our own reductions,
 Accelerate's gather/reduce) and every gradient bucket DDP all-reduces (through a counting comm hook; DDP's
 buckets do not go through the Python API).
@@ -41,6 +43,24 @@ def count_python_collectives():
         setattr(dist, name, counted)
 
 
+def engage_fsdp_on_cpu():
+    """Accelerate engages its FSDP plugin only on accelerators (on CPU the state stays MULTI_CPU), although FSDP2
+    itself runs on CPU with gloo. After Accelerate's own set-up, the state is switched to FSDP with the plugin the
+    Trainer passed, so `Accelerator.prepare` shards the model with `fully_shard` exactly as it does on GPUs."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init
+
+
 def counting_allreduce_hook(state, bucket):
     COUNTS[f"{PHASE[0]}:ddp_bucket_allreduce"] += 1
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -52,6 +72,12 @@ class PhaseTrainer(SequentialTrainer):
     """Marks the phases of the step for the collective counts (and fails on purpose when asked)."""
 
     fail_rank = None
+    perturbation_norms = []
+
+    def _perturbation_norm(self, tensors):
+        norm = super()._perturbation_norm(tensors)
+        self.perturbation_norms.append(float(norm))
+        return norm
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.fail_rank == self.args.process_index:
@@ -85,16 +111,28 @@ def main():
     torch.manual_seed(0)
     model = TinyMLP()
     x, y = make_tensors(settings.get("samples", 16), seed=1)
+    if settings.get("fsdp"):
+        engage_fsdp_on_cpu()  # before the config: it sets up Accelerate's state
+    if settings.get("accelerate_fsdp"):  # FSDP from the launcher's environment, as `accelerate launch` sets it
+        os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
     args = sgd_config(settings["out"] + ".run", **settings["config"])
     count_python_collectives()
     PhaseTrainer.fail_rank = settings.get("fail_rank")
     trainer = PhaseTrainer(model=model, args=args, train_dataset=tensor_dataset(x, y))
     trainer.add_callback(RegisterCommHook(trainer))
+    distributed_type = str(trainer.accelerator.distributed_type)
     trainer.train()
+    PHASE[0] = "result"
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP: all-gather the shards (every rank)
+              for p in trainer.accelerator.unwrap_model(trainer.model).parameters()]
+    first_norms = [None] * args.world_size
+    dist.all_gather_object(first_norms, trainer.perturbation_norms[:1])
     if args.process_index == 0:
-        flat = torch.cat([p.detach().reshape(-1) for p in trainer.accelerator.unwrap_model(trainer.model).parameters()])
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
         torch.save({"params": flat, "counts": dict(COUNTS), "world_size": args.world_size,
-                    "distributed_type": str(trainer.accelerator.distributed_type)}, settings["out"])
+                    "distributed_type": distributed_type,
+                    "sharded": [type(p).__name__ for p in trainer.model.parameters()],
+                    "first_perturbation_norms": first_norms}, settings["out"])
 
 
 if __name__ == "__main__":
