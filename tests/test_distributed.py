@@ -116,15 +116,18 @@ def test_deepspeed_is_refused_at_construction_by_name(tmp_path):
 
 
 FSDP = {"fsdp": True, "fsdp_config": {"version": 2}, "sam_perturbation_scope": "global"}
+PER_LAYER = {"fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["Linear"]}}  # nested FSDP modules
 
 
 def launch_fsdp(tmp_path, config):
-    """Accelerate's FSDP2 plugin on 2 CPU processes (train_worker.engage_fsdp_on_cpu); checks the model was sharded."""
+    """Accelerate's FSDP2 plugin on 2 CPU processes (train_worker.engage_fsdp_on_cpu); checks the model was sharded
+    (the root alone, or each Linear too with PER_LAYER)."""
     proc, result = launch(tmp_path, {**FSDP, **config, "per_device_train_batch_size": PER_DEVICE, "max_steps": STEPS},
                           fsdp=True)
     params = _check(proc, result)
     assert result["distributed_type"] == "DistributedType.FSDP"
     assert set(result["sharded"]) == {"DTensor"}, result["sharded"]
+    assert result["fsdp_modules"] == (3 if config.get("fsdp_config") == PER_LAYER["fsdp_config"] else 1), result
     return params, result
 
 
@@ -138,9 +141,9 @@ def unsharded_ascent_norm(adaptive=False):
     return float(torch.cat([t.detach().reshape(-1) for t in scaled]).norm())
 
 
-@pytest.mark.parametrize("extra", [{}, {"sam_adaptive": True}])
-def test_fsdp_perturbs_with_the_global_norm_and_equals_sam_on_the_global_batch(tmp_path, extra):
-    ours, result = launch_fsdp(tmp_path, {"sam_mode": "sam", **extra})
+@pytest.mark.parametrize("extra, wrap", [({}, {}), ({"sam_adaptive": True}, {}), ({}, PER_LAYER)])
+def test_fsdp_perturbs_with_the_global_norm_and_equals_sam_on_the_global_batch(tmp_path, extra, wrap):
+    ours, result = launch_fsdp(tmp_path, {"sam_mode": "sam", **extra, **wrap})
     # each rank holds shards only; the norm it used is the whole model's, the same on every rank
     expected = unsharded_ascent_norm(adaptive=bool(extra))
     for (norm,) in result["first_perturbation_norms"]:
@@ -151,10 +154,11 @@ def test_fsdp_perturbs_with_the_global_norm_and_equals_sam_on_the_global_batch(t
     assert relative_error(ours, sgd) > 10 * TOL  # ASAM at rho = 0.05 moves these weights by 7e-4
 
 
-def test_fsdp_rwsam_fd_restores_the_shards_after_its_probes(tmp_path):
+@pytest.mark.parametrize("wrap", [{}, PER_LAYER])
+def test_fsdp_rwsam_fd_restores_the_shards_after_its_probes(tmp_path, wrap):
     # lambda = 0 gives uniform weights whatever the probes say: the run is SAM exactly, unless a probe's shift of
     # the shards (written in place under FSDP) were not undone bit for bit
-    ours, _ = launch_fsdp(tmp_path, {"sam_mode": "rwsam", "rwsam_lambda": 0.0, "rwsam_num_probes": 2})
+    ours, _ = launch_fsdp(tmp_path, {"sam_mode": "rwsam", "rwsam_lambda": 0.0, "rwsam_num_probes": 2, **wrap})
     sam = single_process(tmp_path, sam_mode="sam")
     assert relative_error(ours, sam) <= TOL
 

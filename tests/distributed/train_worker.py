@@ -132,7 +132,12 @@ def main():
         torch.save({"params": flat, "counts": dict(COUNTS), "world_size": args.world_size,
                     "distributed_type": distributed_type,
                     "sharded": [type(p).__name__ for p in trainer.model.parameters()],
+                    "fsdp_modules": sum(type(m).__name__.startswith("FSDP") for m in trainer.model.modules()),
                     "first_perturbation_norms": first_norms}, settings["out"])
+    # tear the process group down before the interpreter exits: gloo's threads otherwise race the exit (seen as
+    # "terminate called without an active exception" after a finished run)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
