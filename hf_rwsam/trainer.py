@@ -323,11 +323,12 @@ class RWSAMTrainer(Trainer):
         No gradient, the ascent pass's random numbers, BatchNorm statistics frozen, and always fp32: under bf16
         autocast the weights are rounded to 8 bits of mantissa in every matmul, which either hides a step ``h`` or
         swamps it (benchmarks/fd_step.py: mean relative error >= 0.66 at every h on resnet18, against 0.08 in fp32).
-        Accelerate wraps ``forward`` in autocast and keeps the original as ``_original_forward``; the probes use it.
+        Accelerate wraps ``forward`` in autocast and keeps the original as ``_original_forward``; the probes use it,
+        except under FSDP, whose hooks (gathering the shards) run only through the module's ``__call__``.
         """
         model_inputs = self._model_inputs(inputs)
         forward = model
-        if self.accelerator.native_amp:
+        if self.accelerator.native_amp and not self._sharded:
             forward = self.accelerator.unwrap_model(model)._original_forward
         device_type = labels.device.type
 
