@@ -18,20 +18,33 @@ def _refuse(field_name: str, value, allowed: str) -> ValueError:
 
 
 FSDP_SUPPORTED = (
-    "Under FSDP, RWSAMTrainer supports FSDP2 with sam_perturbation_scope='global' and sam_mode 'sam' (ASAM included) "
-    "or 'rwsam' with rwsam_estimator='fd'"
+    "Under FSDP, RWSAMTrainer supports FSDP2 sharding over all processes (no CPU offload, no replication, tensor or "
+    "context parallelism) with sam_perturbation_scope='global' and sam_mode 'sam' (ASAM included) or 'rwsam' with "
+    "rwsam_estimator='fd'"
 )
 
 
-def fsdp_problems(args, fsdp_version: int) -> list[str]:
-    """What in `args` (an `RWSAMConfig`) a sharded SAM step cannot do; empty when FSDP is fine.
+def fsdp_problems(args, fsdp_version: int, cpu_offload: bool = False, parallelism_config=None) -> list[str]:
+    """What a sharded SAM step cannot do in `args` (an `RWSAMConfig`) and FSDP's settings; empty when all is fine.
 
     Each process holds a shard of every parameter, so the only perturbation there is is the global one (the norm is
-    all-reduced over shards), and anything that needs whole parameters on one process is out.
+    the square root of the squared shard norms summed over all processes), and anything that needs whole parameters on
+    one process is out. Replicas (HSDP) or tensor/context-parallel groups would count shards more than once, and
+    offloaded shards live on the CPU while the step runs on the accelerator.
     """
     problems = []
     if fsdp_version != 2:
         problems.append(f"FSDP version {fsdp_version} (only FSDP2: fsdp_config version 2, Accelerate fsdp_version: 2)")
+    if cpu_offload:
+        problems.append("CPU offload of the parameters (fsdp_config cpu_offload / fsdp 'offload'; it must be off)")
+    enabled = [name for name in ("dp_replicate", "tp", "cp", "sp")
+               if parallelism_config is not None and getattr(parallelism_config, f"{name}_enabled", False)]
+    if enabled:
+        sizes = ", ".join(f"{name}_size={getattr(parallelism_config, f'{name}_size', '?')}" for name in enabled)
+        problems.append(
+            f"parallelism_config with {sizes} (only dp_shard: replicated shards (HSDP) or tensor/context parallel "
+            "groups would enter the norm more than once)"
+        )
     if args.sam_perturbation_scope != "global":
         problems.append(
             f"sam_perturbation_scope={args.sam_perturbation_scope!r} (each process holds only a shard of every "
@@ -165,9 +178,11 @@ class RWSAMConfig(TrainingArguments):
                     f"it must be a positive divisor of per_device_train_batch_size={self.per_device_train_batch_size}",
                 )
         if self.sam_mode != "none" and self.fsdp not in (None, False, "", []):
-            # fsdp_config may still be a file path here; RWSAMTrainer checks the version Accelerate then uses
-            version = self.fsdp_config.get("version", 2) if isinstance(self.fsdp_config, dict) else 2
-            problems = fsdp_problems(self, int(version))
+            # fsdp_config may still be a file path here; RWSAMTrainer checks again what Accelerate then uses
+            fsdp_config = self.fsdp_config if isinstance(self.fsdp_config, dict) else {}
+            offload = "offload" in str(self.fsdp) or bool(fsdp_config.get("cpu_offload"))
+            problems = fsdp_problems(self, int(fsdp_config.get("version", 2)), offload,
+                                     getattr(self, "parallelism_config", None))
             if problems:
                 raise _refuse("fsdp", self.fsdp, "; ".join(problems) + f". {FSDP_SUPPORTED}")
         if self.sam_mode != "none" and self.deepspeed:

@@ -2,7 +2,7 @@
 
 One step on a micro-batch (ALGORITHMS.md has the full contract):
 
-1. ascent pass at ``x`` (no gradient communication): per-sample losses ``l_i``, ``g = grad(sum_i a_i l_i)`` with
+1. ascent pass at ``x`` (no gradient communication, except the global scope's reduction): per-sample losses ``l_i``, ``g = grad(sum_i a_i l_i)`` with
    ``a_i = 1/b`` (SAM) or RW-SAM's Gibbs weights (after ``Q`` finite-difference probes, or exact norms);
 2. ``e = rho T^2 g / ||T g||``;  3. move to ``x + e`` (the parameters point at new storage; FSDP's shards are
    written in place);
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
+
 from torch import nn
 from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -44,6 +45,11 @@ from .sharpness.reweight import (
     rademacher_seed,
 )
 from .sharpness.state import RNGReplay, frozen_running_stats, running_stat_modules
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support has no sharded parameters
+    DTensor = ()
 
 logger = logging.get_logger(__name__)
 
@@ -100,7 +106,11 @@ class RWSAMTrainer(Trainer):
             )
         self._sharded = self.args.sam_mode != "none" and distributed_type == DistributedType.FSDP
         if self._sharded:
-            problems = fsdp_problems(self.args, self.accelerator.state.fsdp_plugin.fsdp_version)
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            plugin = self.accelerator.state.fsdp_plugin
+            problems = fsdp_problems(self.args, plugin.fsdp_version, isinstance(plugin.cpu_offload, CPUOffloadPolicy),
+                                     getattr(self.accelerator, "parallelism_config", None))
             if problems:
                 raise ValueError(f"RWSAMTrainer under FSDP (from the Accelerate config): {'; '.join(problems)}. "
                                  f"{FSDP_SUPPORTED}.")
@@ -245,7 +255,7 @@ class RWSAMTrainer(Trainer):
         params = self._trainable_params(model)
         shards = self._local_shards(params)  # the parameters themselves, or this process's shards under FSDP
         num_coordinates = sum(p.numel() for p in params)  # d of the whole model (a DTensor counts all its shards)
-        assign = self._written_shards(model) if self._sharded else swapped_parameters
+        assign = self._shard_writer(model) if self._sharded else swapped_parameters
         bn_modules = self._running_stat_modules(model)
         labels = self._labels(inputs)
         rng = RNGReplay(labels.device)
@@ -320,11 +330,12 @@ class RWSAMTrainer(Trainer):
     def _fd_forward(self, model, inputs, labels, rng, bn_modules):
         """Per-sample losses at the current parameters, for the finite-difference probes.
 
-        No gradient, the ascent pass's random numbers, BatchNorm statistics frozen, and always fp32: under bf16
-        autocast the weights are rounded to 8 bits of mantissa in every matmul, which either hides a step ``h`` or
-        swamps it (benchmarks/fd_step.py: mean relative error >= 0.66 at every h on resnet18, against 0.08 in fp32).
-        Accelerate wraps ``forward`` in autocast and keeps the original as ``_original_forward``; the probes use it,
-        except under FSDP, whose hooks (gathering the shards) run only through the module's ``__call__``.
+        No gradient, the ascent pass's random numbers, BatchNorm statistics frozen, and fp32: under bf16 autocast the
+        weights are rounded to 8 bits of mantissa in every matmul, which either hides a step ``h`` or swamps it
+        (benchmarks/fd_step.py: mean relative error >= 0.66 at every h on resnet18, against 0.08 in fp32). Accelerate
+        wraps ``forward`` in autocast and keeps the original as ``_original_forward``; the probes use it, except under
+        FSDP, whose hooks (gathering the shards) run only through the module's ``__call__``: there the probes run at
+        FSDP's compute dtype (a warning says so at construction).
         """
         model_inputs = self._model_inputs(inputs)
         forward = model
@@ -378,10 +389,10 @@ class RWSAMTrainer(Trainer):
             for p, grad in zip(params, kept):
                 p.grad = grad
 
-    def _written_shards(self, model):
-        """Under FSDP, parameters hold new values by writing this process's shards in place; every FSDP module is then
-        resharded, because a module that keeps its all-gathered parameters after the forward (the root does) would
-        otherwise run the next forward on the old values."""
+    def _shard_writer(self, model):
+        """Under FSDP, how parameters take new values: `written_parameters` on this process's shards, then every FSDP
+        module is resharded, because a module that keeps its all-gathered parameters after the forward (the root does)
+        would otherwise run the next forward on the old values."""
         from torch.distributed.fsdp import FSDPModule
 
         fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -483,7 +494,24 @@ class RWSAMTrainer(Trainer):
 
     @torch.no_grad()
     def _local_shards(self, params) -> list[torch.Tensor]:
-        """Under FSDP, this process's shards (views of the buffer FSDP all-gathers from); otherwise `params`."""
+        """Under FSDP, this process's shards (views of the buffer FSDP all-gathers from); otherwise `params`.
+
+        Either Accelerate's FSDP shards every trainable parameter or nothing is sharded: a parameter FSDP left whole
+        would enter the all-reduced norm once per process, and parameters sharded outside Accelerate are not in the
+        autograd graph, so their ascent gradient would silently be zero.
+        """
+        sharded = [isinstance(p, DTensor) for p in params]
+        if self._sharded and not all(sharded):
+            raise ValueError(
+                "RWSAMTrainer under FSDP: some trainable parameters are not sharded (FSDP ignored_modules?); a sharded "
+                "SAM step needs FSDP to shard all of them."
+            )
+        if not self._sharded and any(sharded):
+            raise ValueError(
+                "RWSAMTrainer: the parameters are sharded (DTensor) but Accelerate's FSDP is off (a model sharded "
+                "before the Trainer, by fully_shard or a distributed from_pretrained); SAM modes support sharding only "
+                "through Accelerate's FSDP plugin."
+            )
         return [p.to_local() for p in params] if self._sharded else params
 
     def _running_stat_modules(self, model):

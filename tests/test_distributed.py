@@ -35,12 +35,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def launch(tmp_path, config, timeout=240, **settings):
+def launch(tmp_path, config, timeout=240, nproc=WORLD, **settings):
+    """Run the worker under torchrun with `nproc` processes (0: as a plain single process)."""
     out = tmp_path / "result.pt"
     payload = json.dumps({"config": config, "out": str(out), "samples": PER_DEVICE * WORLD, **settings})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), payload]
+    if nproc == 0:
+        cmd = [sys.executable, str(WORKER), payload]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     return proc, (torch.load(out) if out.exists() else None)
 
@@ -141,13 +144,20 @@ def unsharded_ascent_norm(adaptive=False):
     return float(torch.cat([t.detach().reshape(-1) for t in scaled]).norm())
 
 
-@pytest.mark.parametrize("extra, wrap", [({}, {}), ({"sam_adaptive": True}, {}), ({}, PER_LAYER)])
-def test_fsdp_perturbs_with_the_global_norm_and_equals_sam_on_the_global_batch(tmp_path, extra, wrap):
-    ours, result = launch_fsdp(tmp_path, {"sam_mode": "sam", **extra, **wrap})
+def assert_first_norms_are_the_unsharded_one(result, adaptive=False):
     # each rank holds shards only; the norm it used is the whole model's, the same on every rank
-    expected = unsharded_ascent_norm(adaptive=bool(extra))
+    expected = unsharded_ascent_norm(adaptive)
     for (norm,) in result["first_perturbation_norms"]:
         assert abs(norm - expected) <= 1e-6 * expected, (result["first_perturbation_norms"], expected)
+
+
+@pytest.mark.parametrize(
+    "extra, wrap",
+    [({}, {}), ({"sam_adaptive": True}, {}), ({"max_grad_norm": 0.3}, PER_LAYER)],  # clipping acts: norms ~0.55
+)
+def test_fsdp_perturbs_with_the_global_norm_and_equals_sam_on_the_global_batch(tmp_path, extra, wrap):
+    ours, result = launch_fsdp(tmp_path, {"sam_mode": "sam", **extra, **wrap})
+    assert_first_norms_are_the_unsharded_one(result, adaptive=extra.get("sam_adaptive", False))
     sam = single_process(tmp_path, sam_mode="sam", **extra)
     sgd = single_process(tmp_path / "sgd", sam_mode="none")
     assert relative_error(ours, sam) <= TOL
@@ -158,9 +168,11 @@ def test_fsdp_perturbs_with_the_global_norm_and_equals_sam_on_the_global_batch(t
 def test_fsdp_rwsam_fd_restores_the_shards_after_its_probes(tmp_path, wrap):
     # lambda = 0 gives uniform weights whatever the probes say: the run is SAM exactly, unless a probe's shift of
     # the shards (written in place under FSDP) were not undone bit for bit
-    ours, _ = launch_fsdp(tmp_path, {"sam_mode": "rwsam", "rwsam_lambda": 0.0, "rwsam_num_probes": 2, **wrap})
+    ours, result = launch_fsdp(tmp_path, {"sam_mode": "rwsam", "rwsam_lambda": 0.0, "rwsam_num_probes": 2, **wrap})
     sam = single_process(tmp_path, sam_mode="sam")
     assert relative_error(ours, sam) <= TOL
+    # uniform weights over the global batch: the ascent gradient (summed over ranks) is SAM's, norm included
+    assert_first_norms_are_the_unsharded_one(result)
 
 
 def test_fsdp_rwsam_fd_weights_follow_the_per_sample_norms_of_the_whole_model(tmp_path):
@@ -190,12 +202,18 @@ def test_fsdp_with_bf16_runs_rwsam_and_warns_about_its_probes(tmp_path):
         ({"sam_perturbation_scope": "device"}, r"sam_perturbation_scope='device'.*set sam_perturbation_scope='global'"),
         ({"sam_mode": "msam", "msam_micro_batch_size": 4}, r"sam_mode='msam'"),
         ({"sam_mode": "rwsam", "rwsam_estimator": "exact"}, r"rwsam_estimator='exact'"),
+        ({"fsdp_config": {"version": 2, "cpu_offload": True}}, r"CPU offload"),
+        ({"parallelism_config": "HSDP"}, r"parallelism_config with dp_replicate_size=2 \(only dp_shard"),
     ],
 )
 def test_fsdp_refuses_what_a_sharded_step_cannot_do_by_name(tmp_path, config, named):
     from hf_rwsam import RWSAMConfig
 
+    from accelerate.parallelism_config import ParallelismConfig
+
     settings = {"sam_mode": "sam", **FSDP, **config}
+    if settings.get("parallelism_config") == "HSDP":
+        settings["parallelism_config"] = ParallelismConfig(dp_replicate_size=2, dp_shard_size=2)
     with pytest.raises(ValueError, match=r"RWSAMConfig\.fsdp=True is invalid: .*" + named + ".*supports FSDP2"):
         RWSAMConfig(output_dir=str(tmp_path), use_cpu=True, **settings)
 
@@ -207,3 +225,12 @@ def test_fsdp_from_the_accelerate_config_is_checked_by_the_trainer_too(tmp_path)
     assert proc.returncode != 0 and result is None
     assert "RWSAMTrainer under FSDP (from the Accelerate config): sam_perturbation_scope='device'" in (
         proc.stdout + proc.stderr)
+
+
+def test_a_model_sharded_outside_accelerate_is_refused_rather_than_silently_unperturbed(tmp_path):
+    # Its DTensor parameters are not in the autograd graph: the ascent gradient would be zero on every step. A plain
+    # single process, as Accelerate sees transformers' distributed loading (under torchrun, DDP fails on DTensors).
+    proc, result = launch(tmp_path, {"sam_mode": "sam", "per_device_train_batch_size": PER_DEVICE, "max_steps": STEPS},
+                          nproc=0, shard_before_trainer=True)
+    assert proc.returncode != 0 and result is None
+    assert "the parameters are sharded (DTensor) but Accelerate's FSDP is off" in proc.stdout + proc.stderr

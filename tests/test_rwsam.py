@@ -559,3 +559,18 @@ def test_noisy_weight_mass_is_the_noisy_fraction_under_uniform_weights(tmp_path)
         assert entry["rwsam/noisy_weight_mass"] == pytest.approx(0.25, abs=1e-7)  # 2 * (1/8), exact in fp32
         assert entry["rwsam/ess"] == pytest.approx(1.0, abs=1e-6)
         assert entry["rwsam/max_weight"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_fd_probes_of_shards_shift_every_coordinate_by_h_over_the_root_of_the_whole_models_size():
+    # Under FSDP a process sees only its shards; the shift must use d of the whole model, not of the shards:
+    # each coordinate moves by +-h/sqrt(d).
+    from hf_rwsam.sharpness.reweight import fd_probe_losses
+
+    shards = [torch.zeros(3, 4), torch.zeros(5)]
+    seen = []
+    fd_probe_losses(lambda: seen.append([s.clone() for s in shards]) or torch.zeros(2), shards, num_probes=2,
+                    fd_step=0.5, generator=torch.Generator().manual_seed(0), num_coordinates=100)
+    for probe in seen:
+        shift = torch.cat([t.reshape(-1) for t in probe]).abs()
+        assert torch.allclose(shift, torch.full_like(shift, 0.5 / math.sqrt(100)))
+    assert all(torch.equal(s, torch.zeros_like(s)) for s in shards)  # and back at x

@@ -10,8 +10,9 @@ instead when the norm is zero or not finite).
 
 Everything works on lists of tensors with ``torch._foreach_*`` kernels: one kernel launch per operation for the whole
 model, and no parameter-sized allocation per step beyond the ascent gradient, which is turned into ``e`` and then
-into ``x + e`` in place. The parameters are never copied: they are pointed at ``x + e`` for the descent pass and back
-at their untouched original storage afterwards (`swapped_parameters`).
+into ``x + e`` in place. The parameters are not copied: they are pointed at ``x + e`` for the descent pass and back
+at their untouched original storage afterwards (`swapped_parameters`). Only FSDP's shards, which are views of the
+buffer FSDP all-gathers from, are written in place and restored from a copy (`written_parameters`).
 """
 
 from __future__ import annotations

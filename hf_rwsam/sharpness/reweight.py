@@ -95,7 +95,7 @@ def fd_probe_losses(
             returns the per-sample losses ``[b]``. The caller makes it replay the clean pass's randomness and freeze
             BatchNorm running statistics.
         params (`Sequence[Tensor]`): the parameters ``x`` (all of them: ``d`` is their total size); they hold
-            ``x + h u_q`` during probe ``q`` and their untouched original storage afterwards.
+            ``x + h u_q`` during probe ``q`` and exactly ``x`` afterwards (see `assign`).
         num_probes (`int`): ``Q``.
         fd_step (`float`, *optional*): ``h``; defaults to `default_fd_step`.
         generator (`torch.Generator`, *optional*): draws the Rademacher vectors ``z_q``.
@@ -107,7 +107,7 @@ def fd_probe_losses(
     Returns:
         `Tensor`: ``[Q, b]`` fp32.
     """
-    d = num_coordinates or sum(p.numel() for p in params)
+    d = sum(p.numel() for p in params) if num_coordinates is None else num_coordinates
     alpha = (default_fd_step(d) if fd_step is None else fd_step) / math.sqrt(d)
     probes = []
     for _ in range(num_probes):

@@ -5,7 +5,8 @@ Usage: torchrun --nproc_per_node 2 tests/distributed/train_worker.py '<json sett
 Settings: "config" (RWSAMConfig keyword arguments), "out" (where rank 0 writes the final parameters, the
 collective counts and the first perturbation norm of every rank), optional "fail_rank" (that rank raises in its first
 training step), optional "fsdp" (run Accelerate's FSDP2 plugin on CPU, see `engage_fsdp_on_cpu`), optional
-"accelerate_fsdp" (FSDP2 requested by the environment, as `accelerate launch` with an FSDP config does).
+"accelerate_fsdp" (FSDP2 requested by the environment, as `accelerate launch` with an FSDP config does), optional
+"shard_before_trainer" (`fully_shard` the model before the Trainer sees it).
 Collectives are counted per phase of the step: every torch.distributed call from Python (our own reductions,
 Accelerate's gather/reduce) and every gradient bucket DDP all-reduces (through a counting comm hook; DDP's
 buckets do not go through the Python API).
@@ -116,6 +117,12 @@ def main():
     if settings.get("accelerate_fsdp"):  # FSDP from the launcher's environment, as `accelerate launch` sets it
         os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
     args = sgd_config(settings["out"] + ".run", **settings["config"])
+    if settings.get("shard_before_trainer"):  # a model sharded by the user, not by Accelerate's FSDP plugin
+        from torch.distributed.fsdp import fully_shard
+
+        if not dist.is_initialized():  # run as a plain single process: a one-rank group, unseen by Accelerate
+            dist.init_process_group("gloo", init_method=f"file://{settings['out']}.store", rank=0, world_size=1)
+        fully_shard(model)
     count_python_collectives()
     PhaseTrainer.fail_rank = settings.get("fail_rank")
     trainer = PhaseTrainer(model=model, args=args, train_dataset=tensor_dataset(x, y))
