@@ -12,6 +12,7 @@ one-thread runs of the small CNN finish in about the time of one two-thread run 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -67,6 +68,27 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, each in its own process")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--from_json", default=None, help="redo the tables and plot of a finished experiment's JSON")
+    parser.add_argument("--results_dir", type=Path, default=RESULTS, help="where the JSON and the plot go")
+
+
+def finished_or_new(args: argparse.Namespace, make_specs) -> tuple[argparse.Namespace, dict]:
+    """``(settings, record)`` of a finished experiment (``--from_json``) or of new runs of ``make_specs(args)``.
+
+    The record holds the command, the settings and every run's result: what the experiment's JSON file stores.
+    """
+    if args.from_json:
+        record = json.loads(Path(args.from_json).read_text())
+        return argparse.Namespace(**{**record["settings"], "results_dir": args.results_dir}), record
+    settings = {k: v for k, v in vars(args).items() if k not in ("from_json", "results_dir")}
+    return args, {"command": command_line(), "settings": settings, "runs": run_all(args, make_specs(args))}
+
+
+def save_record(args: argparse.Namespace, name: str, record: dict) -> Path:
+    """Write the record to ``<results_dir>/<name>.json``; returns the path of its plot, ``<name>.png``."""
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
+    return args.results_dir / f"{name}.png"
 
 
 _DATA: dict = {}
@@ -145,7 +167,7 @@ def _init_worker(threads: int) -> None:
 
 def run_all(args: argparse.Namespace, specs: list[RunSpec]) -> list[dict]:
     """Every run of `specs` in a pool of `args.workers` processes; returns their results in the order of `specs`."""
-    settings = vars(args)
+    settings = {k: v for k, v in vars(args).items() if k != "results_dir"}
     results: list[dict | None] = [None] * len(specs)
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(args.threads,)) as pool:

@@ -15,10 +15,8 @@ experiments/results/label_noise_<dataset>.json and .png, and prints markdown tab
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from common import RESULTS, RunSpec, add_common_arguments, command_line, group, run_all
+from common import RunSpec, add_common_arguments, finished_or_new, group, save_record
 
 
 def methods(batch_size: int, msam_divisor: int) -> dict[str, dict]:
@@ -31,6 +29,18 @@ def methods(batch_size: int, msam_divisor: int) -> dict[str, dict]:
         f"m-SAM m={batch_size // msam_divisor}": {"sam_mode": "msam",
                                                   "msam_micro_batch_size": batch_size // msam_divisor},
     }
+
+
+def noise_rates(args) -> list[float]:
+    return [float(r) for r in args.noise_rates.split(",")]
+
+
+def specs(args) -> list[RunSpec]:
+    chosen = methods(args.batch_size, args.msam_divisor)
+    if args.methods:
+        chosen = {label: chosen[label] for label in args.methods.split(",")}
+    return [RunSpec(label, seed, method, rate, diagnostics=rate == 0)
+            for rate in noise_rates(args) for seed in range(args.seeds) for label, method in chosen.items()]
 
 
 def table(summary: dict, labels: list[str], rates: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -77,29 +87,13 @@ def main():
     parser.add_argument("--noise_rates", default="0,0.2,0.4,0.6,0.8")
     parser.add_argument("--msam_divisor", type=int, default=4, help="m-SAM's m = batch_size / msam_divisor")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the method labels")
-    parser.add_argument("--from_json", default=None, help="redo the tables and plot of a finished run's JSON")
-    args = parser.parse_args()
-    finished = args.from_json
-    if finished:
-        record = json.loads(Path(finished).read_text())
-        results, args = record["runs"], argparse.Namespace(**record["settings"])
-    rates = [float(r) for r in args.noise_rates.split(",")]
-    chosen = methods(args.batch_size, args.msam_divisor)
-    if args.methods:
-        chosen = {label: chosen[label] for label in args.methods.split(",")}
-    if not finished:
-        specs = [RunSpec(label, seed, method, rate, diagnostics=rate == 0)
-                 for rate in rates for seed in range(args.seeds) for label, method in chosen.items()]
-        results = run_all(args, specs)
-        record = {"command": command_line(), "settings": vars(args), "runs": results}
-
+    args, record = finished_or_new(parser.parse_args(), specs)
+    results, rates = record["runs"], noise_rates(args)
     labels = list(dict.fromkeys(result["label"] for result in results))
     accuracy = group(results, "accuracy", "label", "noise_rate")
     mass = group(results, "rwsam/noisy_weight_mass", "label", "noise_rate")
     tag = args.dataset
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"label_noise_{tag}.json").write_text(json.dumps(record, indent=2))
-    plot(accuracy, mass, labels, rates, RESULTS / f"label_noise_{tag}.png",
+    plot(accuracy, mass, labels, rates, save_record(args, f"label_noise_{tag}", record),
          f"{args.model} on {args.dataset}, b={args.batch_size}, rho={args.rho}, {args.seeds} seeds")
     print(f"\nClean test accuracy (%), mean +- std over {args.seeds} seeds\n")
     print(table(accuracy, labels, rates))

@@ -13,9 +13,8 @@ prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 
-from common import RESULTS, RunSpec, add_common_arguments, command_line, group, run_all
+from common import RunSpec, add_common_arguments, finished_or_new, group, save_record
 
 
 def plot(summary: dict, path, title: str) -> None:
@@ -37,26 +36,30 @@ def plot(summary: dict, path, title: str) -> None:
     plt.close(fig)
 
 
+def divisor_sizes(args) -> list[int]:
+    return [args.batch_size // int(d) for d in args.divisors.split(",")]
+
+
+def specs(args) -> list[RunSpec]:
+    return [
+        RunSpec(f"m={m}", seed, {"sam_mode": "sam"} if m == args.batch_size else
+                {"sam_mode": "msam", "msam_micro_batch_size": m}, args.noise_rate)
+        for seed in range(args.seeds) for m in divisor_sizes(args)
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--divisors", default="1,2,4,8,16", help="m = batch_size / divisor")
     parser.add_argument("--noise_rate", type=float, default=0.0)
-    args = parser.parse_args()
-    ms = [args.batch_size // int(d) for d in args.divisors.split(",")]
-    specs = [
-        RunSpec(f"m={m}", seed, {"sam_mode": "sam"} if m == args.batch_size else
-                {"sam_mode": "msam", "msam_micro_batch_size": m}, args.noise_rate)
-        for seed in range(args.seeds) for m in ms
-    ]
-    results = run_all(args, specs)
-    summary = {key[0].removeprefix("m="): value for key, value in group(results, "accuracy", "label").items()}
+    args, record = finished_or_new(parser.parse_args(), specs)
+    ms = divisor_sizes(args)
+    summary = {key[0].removeprefix("m="): value for key, value in group(record["runs"], "accuracy", "label").items()}
+    record["accuracy"] = summary
     noise = f", {args.noise_type} noise {args.noise_rate}" if args.noise_rate else ""
     tag = f"{args.dataset}" + (f"_{args.noise_type}{args.noise_rate}" if args.noise_rate else "")
-    RESULTS.mkdir(exist_ok=True)
-    record = {"command": command_line(), "settings": vars(args), "accuracy": summary}
-    (RESULTS / f"msharpness_{tag}.json").write_text(json.dumps(record, indent=2))
-    plot(summary, RESULTS / f"msharpness_{tag}.png",
+    plot(summary, save_record(args, f"msharpness_{tag}", record),
          f"m-sharpness: {args.model} on {args.dataset}{noise}, b={args.batch_size}, {args.seeds} seeds")
     print(f"\n| m | test accuracy (mean +- std over {args.seeds} seeds) |\n|---|---|")
     for m in ms:

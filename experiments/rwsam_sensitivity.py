@@ -12,9 +12,8 @@ markdown tables.
 from __future__ import annotations
 
 import argparse
-import json
 
-from common import RESULTS, RunSpec, add_common_arguments, command_line, group, run_all
+from common import RunSpec, add_common_arguments, finished_or_new, group, save_record
 
 METRICS = ("accuracy", "rwsam/noisy_weight_mass", "rwsam/lambda", "rwsam/ess")
 
@@ -51,11 +50,24 @@ def table(summary: dict, keys, key_name: str) -> str:
              "|---|---|---|---|---|"]
     for key in keys:
         cells = []
-        for metric, scale in zip(METRICS, (100, 100, 1, 1)):
+        for metric, digits in zip(METRICS, ("%", "%", ".3f", ".3f")):
             s = summary[metric].get((key,))
-            cells.append(f"{scale * s['mean']:.3g} +- {scale * s['std']:.2g}" if s else "")
+            scale, fmt = (100, ".2f") if digits == "%" else (1, digits)
+            cells.append(f"{scale * s['mean']:{fmt}} +- {scale * s['std']:{fmt}}" if s else "")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def grid(values: str) -> list[float]:
+    return [float(x) for x in values.split(",")]
+
+
+def specs(args) -> list[RunSpec]:
+    base = {"sam_mode": "rwsam", "rwsam_estimator": args.estimator, "rwsam_num_probes": args.num_probes}
+    return [RunSpec(f"lambda={lam:g}", seed, {**base, "rwsam_lambda": lam}, args.noise_rate)
+            for lam in grid(args.lambdas) for seed in range(args.seeds)] + [
+        RunSpec(f"target_ess={t:g}", seed, {**base, "rwsam_target_ess": t}, args.noise_rate)
+        for t in grid(args.target_ess) for seed in range(args.seeds)]
 
 
 def main():
@@ -66,28 +78,16 @@ def main():
     parser.add_argument("--target_ess", default="0.9,0.7,0.5,0.3")
     parser.add_argument("--estimator", default="fd", choices=["fd", "exact"])
     parser.add_argument("--num_probes", type=int, default=1)
-    args = parser.parse_args()
-    lambdas = [float(x) for x in args.lambdas.split(",")]
-    targets = [float(x) for x in args.target_ess.split(",")]
-    base = {"sam_mode": "rwsam", "rwsam_estimator": args.estimator, "rwsam_num_probes": args.num_probes}
-    specs = [RunSpec(f"lambda={lam:g}", seed, {**base, "rwsam_lambda": lam}, args.noise_rate)
-             for lam in lambdas for seed in range(args.seeds)]
-    specs += [RunSpec(f"target_ess={t:g}", seed, {**base, "rwsam_target_ess": t}, args.noise_rate)
-              for t in targets for seed in range(args.seeds)]
-    results = run_all(args, specs)
-    for result, spec in zip(results, specs):
-        result["lambda"] = spec.method.get("rwsam_lambda")
-        result["target_ess"] = spec.method.get("rwsam_target_ess")
-
-    fixed = [r for r in results if r["target_ess"] is None]
-    targeted = [r for r in results if r["target_ess"] is not None]
-    by_lambda = {metric: group(fixed, metric, "lambda") for metric in METRICS}
-    by_ess = {metric: group(targeted, metric, "target_ess") for metric in METRICS}
+    args, record = finished_or_new(parser.parse_args(), specs)
+    lambdas, targets = grid(args.lambdas), grid(args.target_ess)
+    for result in record["runs"]:  # the label says which setting: "lambda=2" or "target_ess=0.5"
+        name, value = result["label"].split("=")
+        result[name] = float(value)
+    by_lambda = {metric: group([r for r in record["runs"] if "lambda" in r], metric, "lambda") for metric in METRICS}
+    by_ess = {metric: group([r for r in record["runs"] if "target_ess" in r], metric, "target_ess")
+              for metric in METRICS}
     tag = f"{args.dataset}_{args.estimator}_noise{args.noise_rate:g}"
-    RESULTS.mkdir(exist_ok=True)
-    record = {"command": command_line(), "settings": vars(args), "runs": results}
-    (RESULTS / f"rwsam_sensitivity_{tag}.json").write_text(json.dumps(record, indent=2))
-    plot(by_lambda, by_ess, lambdas, targets, args.noise_rate, RESULTS / f"rwsam_sensitivity_{tag}.png",
+    plot(by_lambda, by_ess, lambdas, targets, args.noise_rate, save_record(args, f"rwsam_sensitivity_{tag}", record),
          f"RW-SAM ({args.estimator}, Q={args.num_probes}) on {args.dataset}, {args.noise_rate:.0%} symmetric noise, "
          f"{args.model}, b={args.batch_size}, {args.seeds} seeds")
     print(f"\nFixed lambda, mean +- std over {args.seeds} seeds\n")
