@@ -120,6 +120,31 @@ class ProbeForward:
         self.model(**self.batch)
 
 
+class MicroBatchForwardBackward:
+    """Forward and backward of the batch in ``k`` micro-batches, no optimizer: the compute m-SAM repeats twice."""
+
+    def __init__(self, model, batch, k):
+        self.model = model.train()
+        self.chunks = [dict(zip(batch, values)) for values in zip(*(v.chunk(k) for v in batch.values()))]
+
+    def __call__(self):
+        for chunk in self.chunks:
+            self.model(**chunk)["loss"].backward()
+        self.model.zero_grad(set_to_none=True)
+
+
+class ParameterPass:
+    """One ``x += y`` over every parameter: the unit of the per-group passes (norm, ``x + e``) m-SAM cannot avoid."""
+
+    def __init__(self, model):
+        self.params = [p.detach() for p in model.parameters()]
+        self.others = [torch.full_like(p, 1e-8) for p in self.params]
+
+    @torch.no_grad()
+    def __call__(self):
+        torch._foreach_add_(self.params, self.others)
+
+
 class PeerSAMStep:
     """pytorch_optimizer.SAM with SGD."""
 
@@ -142,7 +167,27 @@ def build(name, base, batch, device, bf16):
         return PeerSAMStep(model, batch)
     if name == "forward_nograd":
         return ProbeForward(model, batch)
+    if name.startswith("fwd_bwd_b/"):
+        return MicroBatchForwardBackward(model, batch, int(name.split("/")[1]))
+    if name == "parameter_pass":
+        return ParameterPass(model)
     return TrainerStep(model, batch, trainer_variants(batch["labels"].shape[0])[name], device, bf16)
+
+
+COST_UNITS = ("fwd_bwd_b/1", "fwd_bwd_b/8", "parameter_pass")  # timed for the limits, not modes (no memory figure)
+
+
+def msam_limit(modes, k):
+    """m-SAM's floor against SAM: SAM's own work, plus both passes run on k micro-batches instead of one batch, plus
+    the two passes over the parameters (the norm, ``x + e``) each of the k - 1 extra groups needs.
+
+        1 + (2 (fwd_bwd(b/k) - fwd_bwd(b)) + 2 (k - 1) pass) / SAM
+    """
+    if not {"sam", f"fwd_bwd_b/{k}", "fwd_bwd_b/1", "parameter_pass"} <= modes.keys():
+        return None
+    t = {name: modes[name]["step_s"] for name in modes}
+    extra = 2 * (t[f"fwd_bwd_b/{k}"] - t["fwd_bwd_b/1"]) + 2 * (k - 1) * t["parameter_pass"]
+    return 1 + extra / t["sam"]
 
 
 def make_batch(args, device):
@@ -153,7 +198,8 @@ def make_batch(args, device):
 
 
 def all_variant_names(batch_size):
-    return list(trainer_variants(batch_size)) + ["hand_sam", "pytorch_optimizer_sam", "forward_nograd"]
+    return list(trainer_variants(batch_size)) + ["hand_sam", "pytorch_optimizer_sam", "forward_nograd", "fwd_bwd_b/1",
+                                                  "fwd_bwd_b/8", "parameter_pass"]
 
 
 def peak_memory_mb(name, args) -> float:
@@ -233,13 +279,14 @@ def main():
     modes = {name: {"step_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()}
     if not args.no_memory:
         for name in names:
-            modes[name]["peak_mem_mb"] = peak_memory_mb(name, args)
+            if name not in COST_UNITS:
+                modes[name]["peak_mem_mb"] = peak_memory_mb(name, args)
 
     def ratio(a, b):
         return modes[a]["step_s"] / modes[b]["step_s"] if a in modes and b in modes else None
 
     msam_best = min(
-        (n for n in modes if n.startswith("msam_") and n.endswith(f"b/8")), key=lambda n: modes[n]["step_s"], default=None
+        (n for n in modes if n.startswith("msam_") and n.endswith("b/8")), key=lambda n: modes[n]["step_s"], default=None
     )
     ratios = {
         "sam/sgd": ratio("sam", "sgd"),
@@ -249,6 +296,7 @@ def main():
         "pytorch_optimizer_sam/sgd": ratio("pytorch_optimizer_sam", "sgd"),
         "asam/sam": ratio("asam", "sam"),
         "rwsam/sam_limit": 1 + ratio("forward_nograd", "sam") if "forward_nograd" in modes else None,
+        "msam/sam_limit": msam_limit(modes, k=8),
     }
     memory = {n: m["peak_mem_mb"] for n, m in modes.items() if "peak_mem_mb" in m}
     if {"sgd", "sam", "rwsam_fd_q1"} <= memory.keys():
