@@ -1,5 +1,5 @@
-"""The experiment scripts end to end on 11 steps (one logging window of 10): every run reports what the tables need, and a finished record
-redoes the same tables (`--from_json`)."""
+"""The experiment scripts end to end on 11 steps (one logging window of 10): every run reports what the tables
+need, and a finished record redoes the same tables (`--from_json`)."""
 
 import json
 import math
