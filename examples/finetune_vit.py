@@ -133,12 +133,8 @@ def main(argv: list[str]) -> dict:
     )
     trainer = image_classification_trainer(model, training_args, train_ds, test_ds, data_args.dataset)
     base_model = vit_args.model_name_or_path
-    return train_evaluate_save(
-        trainer,
-        title=f"{os.path.basename(base_model.rstrip('/'))} on {data_args.dataset}, sam_mode={training_args.sam_mode}",
-        noise_rate=noise["realized_rate"] if noise else None,
-        **base_model_card(base_model),
-    )
+    subject = f"{os.path.basename(base_model.rstrip('/'))} on {data_args.dataset}"
+    return train_evaluate_save(trainer, subject, noise, **base_model_card(base_model))
 
 
 if __name__ == "__main__":

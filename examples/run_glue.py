@@ -238,12 +238,7 @@ def main(argv: list[str]) -> dict:
     )
     base_model = model_args.model_name_or_path
     card = {"tags": ["text-classification", "glue", task], **base_model_card(base_model)}
-    return train_evaluate_save(
-        trainer,
-        title=f"{os.path.basename(base_model.rstrip('/'))} on GLUE {task}, sam_mode={training_args.sam_mode}",
-        noise_rate=noise["realized_rate"] if noise else None,
-        **card,
-    )
+    return train_evaluate_save(trainer, f"{os.path.basename(base_model.rstrip('/'))} on GLUE {task}", noise, **card)
 
 
 if __name__ == "__main__":

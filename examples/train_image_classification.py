@@ -114,14 +114,15 @@ def build_datasets(data_args: DataArguments, model_args: ModelArguments, seed: i
     return prepared["train"], prepared["test"], train.features["label"].names, noise
 
 
-def train_evaluate_save(trainer: RWSAMTrainer, title: str, noise_rate: float | None = None, **card_kwargs) -> dict:
+def train_evaluate_save(trainer: RWSAMTrainer, subject: str, noise: dict | None = None, **card_kwargs) -> dict:
     """What every example does once its trainer is built: train, save the model (its card comes with it), log and
     save the train / eval metrics and the state, push if asked, plot the training curves and say where it all is.
 
     Args:
         trainer (`RWSAMTrainer`): the trainer, with its train and eval datasets.
-        title (`str`): the plot's title.
-        noise_rate (`float`, *optional*): the realised label-noise rate, drawn in the plot as the uniform weight.
+        subject (`str`): what is trained on what, for the plot's title (the SAM mode is added).
+        noise (`dict`, *optional*): `label_noise_info` of the training set; its realised rate is drawn in the plot as
+            the uniform weight.
         card_kwargs: `Trainer.create_model_card` arguments (``finetuned_from``, ``tags``, ...): the card is rewritten
             with them after the save, and `push_to_hub` gets them too.
 
@@ -144,6 +145,8 @@ def train_evaluate_save(trainer: RWSAMTrainer, title: str, noise_rate: float | N
     summary = {"eval_metrics": eval_metrics, "output_dir": Path(args.output_dir)}
     if trainer.is_world_process_zero():
         out = summary["output_dir"]
+        title = f"{subject}, sam_mode={args.sam_mode}"
+        noise_rate = noise["realized_rate"] if noise else None
         summary["plot"] = plot_training(trainer.state.log_history, out / "training_curves.png", noise_rate, title)
         scores = ", ".join(f"{name} = {value:.4f}" for name, value in eval_metrics.items()
                            if not name.endswith(("_runtime", "_per_second")) and name != "epoch")
@@ -195,10 +198,7 @@ def main(argv: list[str]) -> dict:
         **json.loads(model_args.model_args or "{}"),
     )
     trainer = image_classification_trainer(model, training_args, train_ds, test_ds, data_args.dataset)
-    return train_evaluate_save(
-        trainer, title=f"{model_args.model} on {data_args.dataset}, sam_mode={training_args.sam_mode}",
-        noise_rate=noise["realized_rate"] if noise else None,
-    )
+    return train_evaluate_save(trainer, f"{model_args.model} on {data_args.dataset}", noise)
 
 
 if __name__ == "__main__":
