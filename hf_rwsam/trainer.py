@@ -2,8 +2,9 @@
 
 One step on a micro-batch (ALGORITHMS.md has the full contract):
 
-1. ascent pass at ``x`` (no gradient communication, except the global scope's reduction): per-sample losses ``l_i``, ``g = grad(sum_i a_i l_i)`` with
-   ``a_i = 1/b`` (SAM) or RW-SAM's Gibbs weights (after ``Q`` finite-difference probes, or exact norms);
+1. ascent pass at ``x`` (no gradient communication, except the global scope's reduction): per-sample losses
+   ``l_i``, ``g = grad(sum_i a_i l_i)`` with ``a_i = 1/b`` (SAM) or RW-SAM's Gibbs weights (after ``Q``
+   finite-difference probes, or exact norms);
 2. ``e = rho T^2 g / ||T g||``;  3. move to ``x + e`` (the parameters point at new storage; FSDP's shards are
    written in place);
 4. descent pass: the Trainer's own `training_step` (``compute_loss`` + ``accelerator.backward``), with the ascent's
@@ -254,7 +255,6 @@ class RWSAMTrainer(Trainer):
         args = self.args
         params = self._trainable_params(model)
         shards = self._local_shards(params)  # the parameters themselves, or this process's shards under FSDP
-        num_coordinates = sum(p.numel() for p in params)  # d of the whole model (a DTensor counts all its shards)
         assign = self._shard_writer(model) if self._sharded else swapped_parameters
         bn_modules = self._running_stat_modules(model)
         labels = self._labels(inputs)
@@ -265,6 +265,7 @@ class RWSAMTrainer(Trainer):
             if reweight and args.rwsam_estimator == "fd":
                 probe_losses = self._fd_forward(model, inputs, labels, rng, bn_modules)
                 generator = self._probe_generator(labels.device)
+                num_coordinates = sum(p.numel() for p in params)  # d of the whole model (a DTensor counts all shards)
                 probes = fd_probe_losses(probe_losses, shards, args.rwsam_num_probes, args.rwsam_fd_step, generator,
                                          num_coordinates=num_coordinates, assign=assign)
                 # Under mixed precision the slopes need an fp32 reference at x too; in fp32 the ascent's losses are it.
@@ -383,8 +384,7 @@ class RWSAMTrainer(Trainer):
             p.grad = None
         try:
             objective.backward()
-            return [torch.zeros_like(shard) if p.grad is None else p.grad.to_local()
-                    for p, shard in zip(params, self._local_shards(params))]
+            return [torch.zeros_like(p.to_local()) if p.grad is None else p.grad.to_local() for p in params]
         finally:
             for p, grad in zip(params, kept):
                 p.grad = grad
