@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..trainer import NOISE_COLUMN
+from ..columns import NOISE_COLUMN
 from .transforms import PIXEL_VALUES
 
 

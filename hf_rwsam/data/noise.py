@@ -14,10 +14,9 @@ import os
 import numpy as np
 from datasets import ClassLabel, Dataset, Value
 
-from ..trainer import NOISE_COLUMN
+from ..columns import CLEAN_LABEL_COLUMN, NOISE_COLUMN
 from .cifar_n import HUMAN_NOISE_TYPES, human_noisy_labels
 
-CLEAN_LABEL_COLUMN = "clean_label"
 COARSE_LABEL_COLUMN = "coarse_label"
 
 SYNTHETIC_NOISE_TYPES = ("symmetric", "asymmetric", "pairflip")

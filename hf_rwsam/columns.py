@@ -1,0 +1,7 @@
+"""Dataset columns the package adds to a batch and takes out again before the model sees it."""
+
+NOISE_COLUMN = "is_noisy"
+"""Optional column marking samples whose training label was corrupted; used for RW-SAM's diagnostics only."""
+
+CLEAN_LABEL_COLUMN = "clean_label"
+"""The uncorrupted label, kept beside the (possibly corrupted) training label by `add_label_noise`."""
