@@ -40,18 +40,38 @@ def test_regression_squared_error():
 
 
 @pytest.mark.parametrize("shift", [False, True])
-def test_token_level_per_sequence_mean_ignores_masked_tokens(shift):
+def test_token_level_losses_are_each_sequences_share_of_the_token_mean(shift):
+    """ALGORITHMS.md: l_i = b * (sequence i's summed token losses) / (tokens in the batch), so that their mean is the
+    token mean the models and the Trainer's label smoother compute (not the mean of per-sequence means)."""
     logits = torch.randn(3, 5, 7, generator=_gen())
     labels = torch.randint(0, 7, (3, 5), generator=_gen())
     labels[0, 3:] = -100
     labels[2, 1] = -100
     losses = per_sample_loss({"logits": logits}, labels, None, shift_labels=shift)
-    expected = []
+    sums, tokens = [], 0
     for i in range(3):
         lg, lb = (logits[i, :-1], labels[i, 1:]) if shift else (logits[i], labels[i])
         keep = lb != -100
-        expected.append(F.cross_entropy(lg[keep], lb[keep]))
-    torch.testing.assert_close(losses, torch.stack(expected))
+        sums.append(F.cross_entropy(lg[keep], lb[keep], reduction="sum"))
+        tokens += int(keep.sum())
+    torch.testing.assert_close(losses, 3 * torch.stack(sums) / tokens)
+    # their mean is the batch's token mean, as one cross-entropy over every kept token computes it
+    lg, lb = (logits[:, :-1], labels[:, 1:]) if shift else (logits, labels)
+    torch.testing.assert_close(losses.mean(), F.cross_entropy(lg.reshape(-1, 7), lb.reshape(-1), ignore_index=-100))
+
+
+def test_tuple_outputs_in_the_transformers_convention():
+    """(loss, logits) from a model given labels and (logits,) from one without give the same per-sample losses; a
+    regression head with 1-D outputs and float labels is regression, not multi-label classification."""
+    logits = torch.randn(4, 3, generator=_gen())
+    labels = torch.tensor([0, 2, 1, 1])
+    expected = F.cross_entropy(logits, labels, reduction="none")
+    loss = F.cross_entropy(logits, labels)
+    torch.testing.assert_close(per_sample_loss((loss, logits), labels), expected)
+    torch.testing.assert_close(per_sample_loss((logits,), labels), expected)
+    preds, targets = torch.randn(5, generator=_gen()), torch.randn(5, generator=_gen())
+    for outputs in ((F.mse_loss(preds, targets), preds), (preds,), preds):
+        torch.testing.assert_close(per_sample_loss(outputs, targets), (preds - targets) ** 2)
 
 
 def test_bf16_logits_give_fp32_losses():
