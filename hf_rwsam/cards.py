@@ -26,6 +26,8 @@ TRAINING_SETTINGS = (
 MAX_MATRIX_CLASSES = 20
 """The realised transition matrix is tabulated up to this many classes."""
 _TIMING_SUFFIXES = ("_runtime", "_per_second", "_preparation_time")
+TIMM_WRAPPER = "TimmWrapperForImageClassification"
+"""The class `hf_rwsam.models.create_model` returns: loading it needs hf-rwsam's timm architectures registered."""
 
 
 def render_model_card(
@@ -64,13 +66,15 @@ def render_model_card(
     evaluation = _latest_evaluation(state.log_history)
     metrics = evaluation["metrics"] if evaluation else {}
     accuracy = next((value for name, value in metrics.items() if name.endswith("accuracy")), None)
+    # The Hub's `metrics`: what was evaluated, besides the loss (the training objective itself)
+    metric_names = [name.removeprefix("eval_") for name in metrics if name != "eval_loss"]
     sam_tags = ["sharpness-aware-minimization", args.sam_mode] if args.sam_mode != "none" else []
     metadata = ModelCardData(
         library_name="transformers",
         pipeline_tag=task,
         tags=list(dict.fromkeys(["hf-rwsam", *sam_tags, task, *(tags or [])])),
         datasets=[dataset_name] if dataset_name else None,
-        metrics=["accuracy"],
+        metrics=metric_names or None,
         model_name=model_name,
         eval_results=None if accuracy is None else [
             EvalResult(
@@ -91,6 +95,7 @@ def render_model_card(
         model_class=model_class,
         repo_id=repo_id,
         loader=_loader(model_class),
+        timm_model=model_class == TIMM_WRAPPER,
         sam_mode=args.sam_mode,
         sam_adaptive=args.sam_adaptive,
         sam_settings=_settings(args, [f.name for f in dataclasses.fields(args) if f.name.startswith(SAM_PREFIXES)]),
