@@ -223,7 +223,8 @@ def test_fsdp_from_the_accelerate_config_is_checked_by_the_trainer_too(tmp_path)
     proc, result = launch(tmp_path, {"sam_mode": "sam", "per_device_train_batch_size": PER_DEVICE, "max_steps": STEPS},
                           fsdp=True, accelerate_fsdp=True)
     assert proc.returncode != 0 and result is None
-    assert "RWSAMTrainer under FSDP (from the Accelerate config): sam_perturbation_scope='device'" in (
+    # (the worker's trainer is a subclass of RWSAMTrainer: the message names the class in use)
+    assert "PhaseTrainer under FSDP (from the Accelerate config): sam_perturbation_scope='device'" in (
         proc.stdout + proc.stderr)
 
 

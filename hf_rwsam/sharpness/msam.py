@@ -46,10 +46,23 @@ def _is_batched(value: Any, b: int) -> bool:
 
 @dataclass
 class MSAMStepResult:
-    clean_losses: torch.Tensor  # [b] per-sample losses at x
-    perturbed_loss: torch.Tensor  # mean over groups of the group loss at x + e_j (with graph)
+    clean_losses: torch.Tensor  # [k] each group's loss at x
+    perturbed_losses: torch.Tensor  # [k] each group's loss at x + e_j, with its graph to the parameters
     ascent_grad_norms: torch.Tensor  # [k] ||T g_j||
     skipped: torch.Tensor  # [k] 1.0 where ||T g_j|| was zero or not finite
+    update_running_stats: Callable[[], None]  # applies the ascent passes' BatchNorm statistics, group after group
+
+
+class _Objective(nn.Module):
+    """``loss_fn(model, inputs)`` as a module, so that `functional_call` can evaluate it at other parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, inputs):
+        return self.loss_fn(self.model, inputs)
 
 
 class _BatchStatsRecorder:
@@ -108,8 +121,7 @@ def _vmappable_batchnorm(model: nn.Module) -> Iterator[None]:
 def vmap_msam_step(
     model: nn.Module,
     inputs: Mapping[str, Any],
-    labels: torch.Tensor,
-    per_sample_loss: Callable[[Any, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
     num_groups: int,
     rho: float,
     adaptive: bool = False,
@@ -118,46 +130,47 @@ def vmap_msam_step(
 ) -> MSAMStepResult:
     """All m-SAM groups at once: batched ascent gradients, perturbations and descent losses with ``torch.func``.
 
-    The returned ``perturbed_loss`` keeps its graph to the model's parameters: backpropagating it (for instance with
-    ``accelerator.backward``) accumulates the mean of the groups' descent gradients into ``.grad``. Random ops draw
-    different numbers per group, and the descent replays the ascent's.
+    Each group's loss is ``loss_fn(model, group)``, evaluated at per-group parameters with `functional_call`, so the
+    ascent follows the loop's own objective. The returned ``perturbed_losses`` keep their graph to the model's
+    parameters: backpropagating their mean accumulates the mean of the groups' descent gradients into ``.grad``. Random
+    ops draw different numbers per group, and the descent replays the ascent's. The BatchNorm running statistics the
+    ascent saw are applied only by ``update_running_stats()``, once the caller's descent has succeeded.
 
     Args:
         model (`nn.Module`): the (unwrapped) model, in training mode.
-        inputs (`Mapping`): the batch, without labels; tensors with ``b`` rows are split into groups.
-        labels (`Tensor`): ``[b, ...]``.
-        per_sample_loss (`Callable`): ``(outputs, labels) -> Tensor[m]``.
+        inputs (`Mapping`): the batch, labels included; tensors with ``b`` rows are split into groups.
+        loss_fn (`Callable`): ``(model, group_inputs) -> Tensor`` (a scalar: the group's loss).
         num_groups (`int`): ``k``.
         rho, adaptive, eta: as in `sam_perturbation`.
         bn_modules (`list`, *optional*): BatchNorm layers whose running statistics the ascent updates.
     """
     bn_modules = bn_modules or []
-    b = labels.shape[0]
+    b = batch_size(inputs)
     m = b // num_groups
+    objective = _Objective(model, loss_fn)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     grouped = {k: (v.reshape(num_groups, m, *v.shape[1:]) if _is_batched(v, b) else v) for k, v in inputs.items()}
-    in_dims = ({k: (0 if _is_batched(v, b) else None) for k, v in inputs.items()}, 0)
-    grouped_labels = labels.reshape(num_groups, m, *labels.shape[1:])
+    in_dims = {k: (0 if _is_batched(v, b) else None) for k, v in inputs.items()}
     recorder = _BatchStatsRecorder(bn_modules)
+    device = next(iter(params.values())).device
 
-    def group_losses(weights, group_inputs, group_labels):
-        return per_sample_loss(functional_call(model, weights, args=(), kwargs=group_inputs), group_labels)
+    def group_loss(weights, group_inputs):
+        return functional_call(objective, {f"model.{n}": w for n, w in weights.items()}, args=(group_inputs,))
 
-    def ascent(weights, group_inputs, group_labels):
-        losses = group_losses(weights, group_inputs, group_labels)
+    def ascent(weights, group_inputs):
+        loss = group_loss(weights, group_inputs)
         means, variances = recorder.pop()
-        return losses.mean(), (losses.detach(), means, variances)
+        return loss, (loss.detach(), means, variances)
 
-    rng = RNGReplay(labels.device)
+    rng = RNGReplay(device)
     try:
         with frozen_running_stats(bn_modules), _vmappable_batchnorm(model):
             grads, (clean, means, variances) = vmap(
-                grad(ascent, has_aux=True), in_dims=(None, *in_dims), randomness="different"
-            )(params, grouped, grouped_labels)
+                grad(ascent, has_aux=True), in_dims=(None, in_dims), randomness="different"
+            )(params, grouped)
     finally:
         recorder.remove()
-    recorder.apply_in_group_order(means, variances)
 
     with torch.no_grad():
         g = [grads.pop(n) for n in names]  # torch.func may return expanded views: only out-of-place ops below
@@ -179,13 +192,12 @@ def vmap_msam_step(
             e[n] = t * factor.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
         del g, grads
 
-    def descent(delta, group_inputs, group_labels):
-        shifted = {n: params[n] + delta[n] for n in names}
-        return group_losses(shifted, group_inputs, group_labels).mean()
+    def descent(delta, group_inputs):
+        return group_loss({n: params[n] + delta[n] for n in names}, group_inputs)
 
     with rng.replay(), frozen_running_stats(bn_modules), _vmappable_batchnorm(model):
-        perturbed = vmap(descent, in_dims=(0, *in_dims), randomness="different")(e, grouped, grouped_labels)
+        perturbed = vmap(descent, in_dims=(0, in_dims), randomness="different")(e, grouped)
     return MSAMStepResult(
-        clean_losses=clean.reshape(b), perturbed_loss=perturbed.mean(), ascent_grad_norms=norms,
-        skipped=(~usable).float(),
+        clean_losses=clean, perturbed_losses=perturbed, ascent_grad_norms=norms, skipped=(~usable).float(),
+        update_running_stats=lambda: recorder.apply_in_group_order(means, variances),
     )

@@ -26,6 +26,8 @@ from utils import SequentialTrainer, TinyMLP, make_tensors, sgd_config, tensor_d
 
 from transformers import TrainerCallback  # noqa: E402
 
+from hf_rwsam.sharpness import AccelerateHost  # noqa: E402
+
 COUNTS = collections.Counter()
 PHASE = ["outside"]
 COLLECTIVES = ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
@@ -70,15 +72,15 @@ def counting_allreduce_hook(state, bucket):
 
 
 class PhaseTrainer(SequentialTrainer):
-    """Marks the phases of the step for the collective counts (and fails on purpose when asked)."""
+    """Marks the phases of the step for the collective counts, records every perturbation norm ``||T g||`` the step
+    computes (and fails on purpose when asked)."""
 
     fail_rank = None
     perturbation_norms = []
 
-    def _perturbation_norm(self, tensors):
-        norm = super()._perturbation_norm(tensors)
-        self.perturbation_norms.append(float(norm))
-        return norm
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sharpness_step.host = NormRecordingHost(self.accelerator, self.perturbation_norms)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.fail_rank == self.args.process_index:
@@ -89,12 +91,32 @@ class PhaseTrainer(SequentialTrainer):
         finally:
             PHASE[0] = "outside"
 
-    def _trainer_descent(self, *args, **kwargs):
+    def _descent(self, *args, **kwargs):
         PHASE[0] = "descent"
         try:
-            return super()._trainer_descent(*args, **kwargs)
+            return super()._descent(*args, **kwargs)
         finally:
             PHASE[0] = "ascent"
+
+
+class NormRecordingHost(AccelerateHost):
+    """The Trainer's host, whose parameters record every norm the step takes of the ascent gradient."""
+
+    def __init__(self, accelerator, norms):
+        super().__init__(accelerator)
+        self.norms = norms
+
+    def parameters(self, model):
+        params = super().parameters(model)
+        norm = params.norm
+
+        def recorded(tensors):
+            value = norm(tensors)
+            self.norms.append(float(value))
+            return value
+
+        params.norm = recorded
+        return params
 
 
 class RegisterCommHook(TrainerCallback):

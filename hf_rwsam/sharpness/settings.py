@@ -1,0 +1,176 @@
+"""`SharpnessSettings`: what a sharpness-aware step does, validated once, shared by every host loop.
+
+The fields are the ``sam_*`` / ``msam_*`` / ``rwsam_*`` settings of ALGORITHMS.md. `RWSAMConfig` is these settings
+plus `TrainingArguments` (one declaration of each field, with its help, for both the Trainer's command line and a
+plain loop). Invalid values raise `ValueError` naming the class, the field, the value and what is allowed; a setting
+that the chosen mode ignores logs one warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)  # the library's loggers are plain `logging` ones (transformers' are too)
+
+SAM_MODES = ("none", "sam", "msam", "rwsam")
+PERTURBATION_SCOPES = ("device", "global")
+MSAM_IMPLEMENTATIONS = ("auto", "loop", "vmap")
+RWSAM_ESTIMATORS = ("fd", "exact")
+RWSAM_NORMALIZATIONS = ("mean", "none")
+
+# Which mode (or setting) each group of fields serves: a field set away from its default where it is ignored is
+# reported once at construction.
+_USED_BY = {
+    "sam_": lambda s: s.sam_mode != "none",
+    "msam_": lambda s: s.sam_mode == "msam",
+    "rwsam_": lambda s: s.sam_mode == "rwsam",
+}
+_IGNORED_WITHIN_MODE = {
+    "sam_adaptive_eta": (lambda s: not s.sam_adaptive, "sam_adaptive=False"),
+    "msam_vmap_max_memory_mb": (lambda s: s.msam_implementation != "auto", "msam_implementation != 'auto'"),
+    "rwsam_num_probes": (lambda s: s.rwsam_estimator != "fd", "rwsam_estimator='exact'"),
+    "rwsam_fd_step": (lambda s: s.rwsam_estimator != "fd", "rwsam_estimator='exact'"),
+    "rwsam_exact_chunk_size": (lambda s: s.rwsam_estimator != "exact", "rwsam_estimator='fd'"),
+    "rwsam_lambda": (lambda s: s.rwsam_target_ess is not None, "rwsam_target_ess is set (it chooses lambda)"),
+}
+
+
+@dataclass
+class SharpnessSettings:
+    r"""
+    The settings of one sharpness-aware training step (`hf_rwsam.sharpness.SharpnessAwareStep`).
+
+    Parameters:
+        sam_mode (`str`, defaults to `"rwsam"`):
+            `"none"` (a plain step), `"sam"`, `"msam"` (micro-batch SAM) or `"rwsam"` (Reweighted SAM).
+        sam_rho (`float`, defaults to `0.05`):
+            Radius of the perturbation, `e = rho * T^2 g / ||T g||`.
+        sam_adaptive (`bool`, defaults to `False`):
+            ASAM: scale the perturbation by `T = |x| + sam_adaptive_eta`, in every mode.
+        sam_adaptive_eta (`float`, defaults to `0.01`):
+            ASAM's offset `eta` (0 reproduces davda54/sam and pytorch_optimizer).
+        sam_perturbation_scope (`str`, defaults to `"device"`):
+            `"device"`: each process perturbs with its own micro-batch; `"global"`: with the gradient averaged over
+            all processes (and RW-SAM weights over the global batch).
+        msam_micro_batch_size (`int`, *optional*):
+            m-SAM's `m`, required by `sam_mode="msam"`; must divide the per-device batch.
+        msam_implementation (`str`, defaults to `"auto"`):
+            `"loop"` (groups one after another), `"vmap"` (all groups at once with `torch.func`) or `"auto"`.
+        msam_vmap_max_memory_mb (`float`, defaults to `1024`):
+            `"auto"` uses vmap only if its extra memory, about `2 k d` numbers for `k` groups, fits in this budget.
+        rwsam_lambda (`float`, defaults to `1.0`):
+            Inverse temperature of the Gibbs weights `softmax(lambda * s)`; 0 is SAM.
+        rwsam_estimator (`str`, defaults to `"fd"`):
+            Per-sample gradient norms by finite differences (`"fd"`, `rwsam_num_probes` extra forwards) or `"exact"`.
+        rwsam_num_probes (`int`, defaults to `1`):
+            Rademacher probes `Q` of the `"fd"` estimator.
+        rwsam_fd_step (`float`, *optional*):
+            Finite-difference step `h` along the unit direction; `None` uses the measured default `1e-3 * sqrt(d)`
+            (`hf_rwsam.sharpness.reweight.default_fd_step`).
+        rwsam_normalize (`str`, defaults to `"mean"`):
+            Scores `s = n / mean(n)` (`"mean"`, scale-free lambda) or `s = n` (`"none"`, the paper's raw form).
+        rwsam_target_ess (`float`, *optional*):
+            In (0, 1]: choose lambda every step so the effective sample size is this fraction of the batch.
+        rwsam_max_weight (`float`, *optional*):
+            `c >= 1`: cap every weight at `c / b`.
+        rwsam_exact_chunk_size (`int`, defaults to `32`):
+            Samples per batched backward of the `"exact"` estimator (memory grows as `chunk * d`).
+    """
+
+    sam_mode: str = field(default="rwsam", metadata={"help": f"Sharpness-aware mode, one of {SAM_MODES}."})
+    sam_rho: float = field(default=0.05, metadata={"help": "Perturbation radius rho (>= 0)."})
+    sam_adaptive: bool = field(default=False, metadata={"help": "ASAM: scale the perturbation by |x| + eta."})
+    sam_adaptive_eta: float = field(default=0.01, metadata={"help": "ASAM offset eta (>= 0)."})
+    sam_perturbation_scope: str = field(
+        default="device", metadata={"help": f"Where the perturbation is computed, one of {PERTURBATION_SCOPES}."}
+    )
+    msam_micro_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "m-SAM micro-batch size m; required by sam_mode='msam', must divide the per-device batch."},
+    )
+    msam_implementation: str = field(
+        default="auto", metadata={"help": f"m-SAM implementation, one of {MSAM_IMPLEMENTATIONS}."}
+    )
+    msam_vmap_max_memory_mb: float = field(
+        default=1024.0, metadata={"help": "Extra memory (MiB) m-SAM 'auto' may spend on the vmap implementation."}
+    )
+    rwsam_lambda: float = field(default=1.0, metadata={"help": "Gibbs inverse temperature lambda (>= 0); 0 is SAM."})
+    rwsam_estimator: str = field(
+        default="fd", metadata={"help": f"Per-sample gradient norm estimator, one of {RWSAM_ESTIMATORS}."}
+    )
+    rwsam_num_probes: int = field(default=1, metadata={"help": "Rademacher probes Q of the 'fd' estimator (>= 1)."})
+    rwsam_fd_step: float | None = field(
+        default=None, metadata={"help": "Finite-difference step h (> 0); None: the measured default 1e-3 * sqrt(d)."}
+    )
+    rwsam_normalize: str = field(
+        default="mean", metadata={"help": f"Score normalisation, one of {RWSAM_NORMALIZATIONS}."}
+    )
+    rwsam_target_ess: float | None = field(
+        default=None, metadata={"help": "Target effective sample size as a fraction of the batch, in (0, 1]."}
+    )
+    rwsam_max_weight: float | None = field(
+        default=None, metadata={"help": "Cap every Gibbs weight at c / b (c >= 1)."}
+    )
+    rwsam_exact_chunk_size: int = field(
+        default=32, metadata={"help": "Samples per batched backward of the 'exact' estimator (>= 1)."}
+    )
+
+    def __post_init__(self):
+        self.validate()
+        # Cooperative: a dataclass that combines these settings with `TrainingArguments` (`RWSAMConfig`, or one of
+        # your own with a TRL config) goes on with that class's own checks.
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+    def refuse(self, field_name: str, value, allowed: str) -> ValueError:
+        """The error for an invalid setting: ``<Class>.<field>=<value> is invalid: <what is allowed>.``"""
+        return ValueError(f"{type(self).__name__}.{field_name}={value!r} is invalid: {allowed}.")
+
+    def validate(self) -> None:
+        """Raises `ValueError` for the first invalid field; warns once for each field the mode ignores."""
+        choices = {
+            "sam_mode": SAM_MODES,
+            "sam_perturbation_scope": PERTURBATION_SCOPES,
+            "msam_implementation": MSAM_IMPLEMENTATIONS,
+            "rwsam_estimator": RWSAM_ESTIMATORS,
+            "rwsam_normalize": RWSAM_NORMALIZATIONS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise self.refuse(name, getattr(self, name), f"choose one of {allowed}")
+        for name in ("sam_rho", "sam_adaptive_eta", "rwsam_lambda", "msam_vmap_max_memory_mb"):
+            if not getattr(self, name) >= 0:
+                raise self.refuse(name, getattr(self, name), "it must be >= 0")
+        for name in ("rwsam_num_probes", "rwsam_exact_chunk_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise self.refuse(name, value, "it must be an integer >= 1")
+        if self.rwsam_fd_step is not None and not self.rwsam_fd_step > 0:
+            raise self.refuse("rwsam_fd_step", self.rwsam_fd_step, "it must be > 0, or None for the default")
+        if self.rwsam_target_ess is not None and not 0 < self.rwsam_target_ess <= 1:
+            raise self.refuse("rwsam_target_ess", self.rwsam_target_ess, "it must be in (0, 1], or None")
+        if self.rwsam_max_weight is not None and not self.rwsam_max_weight >= 1:
+            raise self.refuse("rwsam_max_weight", self.rwsam_max_weight, "it must be >= 1 (a cap of c / b per weight)")
+        m = self.msam_micro_batch_size
+        if self.sam_mode == "msam" and m is None:
+            raise self.refuse("msam_micro_batch_size", m, "sam_mode='msam' needs a micro-batch size m >= 1")
+        if m is not None and not (isinstance(m, int) and m >= 1):
+            raise self.refuse("msam_micro_batch_size", m, "it must be an integer >= 1, or None")
+        self._warn_ignored_settings()
+
+    def _warn_ignored_settings(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(SharpnessSettings)}
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if value == default or name == "sam_mode":
+                continue
+            prefix = name.split("_")[0] + "_"
+            if not _USED_BY[prefix](self):
+                logger.warning(f"{type(self).__name__}.{name}={value!r} has no effect with sam_mode={self.sam_mode!r}.")
+            elif name in _IGNORED_WITHIN_MODE and _IGNORED_WITHIN_MODE[name][0](self):
+                logger.warning(
+                    f"{type(self).__name__}.{name}={value!r} has no effect with {_IGNORED_WITHIN_MODE[name][1]}."
+                )

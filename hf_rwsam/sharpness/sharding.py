@@ -1,0 +1,106 @@
+"""Where the step reads and writes the parameters: whole on every process, or FSDP2 shards.
+
+A sharpness-aware step needs four things from the parameters: the ascent gradient of an objective (without touching
+``.grad``), the norm ``||T g||`` over the whole model, a way to hold other values for a while (``x + e``, the probes)
+and ``d``, the model's size. `LocalParameters` serves parameters every process holds whole (one process, DDP);
+`ShardedParameters` serves FSDP2, where each process holds a shard of every parameter.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .perturb import global_norm, swapped_parameters, written_parameters
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support has no sharded parameters
+    DTensor = ()
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def is_sharded(params) -> bool:
+    return any(isinstance(p, DTensor) for p in params)
+
+
+class LocalParameters:
+    """Parameters each process holds whole: gradients by `torch.autograd.grad`, values held by swapping storage."""
+
+    sharded = False
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        self.tensors = params  # what the perturbation is computed on and written to
+        self.numel = sum(p.numel() for p in params)
+        self.assign = swapped_parameters
+
+    def gradient(self, objective: torch.Tensor) -> list[torch.Tensor]:
+        """``grad(objective)`` with respect to every parameter (zeros for unused ones); ``.grad`` is not touched."""
+        return list(torch.autograd.grad(objective, self.params, materialize_grads=True))
+
+    def norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return global_norm(tensors)
+
+
+class ShardedParameters:
+    """FSDP2's shards: each process perturbs its own shard of every parameter with the global perturbation.
+
+    * The sharded parameters are not in the autograd graph (their all-gathered copies are), so the ascent gradient
+      comes from FSDP's own backward, which reduce-scatters the mean over processes into ``.grad``; the gradient
+      already there (accumulated descent gradients) is set aside meanwhile and put back.
+    * ``||T g||`` is the square root of the squared shard norms summed over processes (`reduce_sum`).
+    * The local shards are views of the buffer FSDP all-gathers from, so new values are written into them
+      (`written_parameters`, restored bit-exactly from a copy), and every FSDP module is resharded after each write:
+      a module that keeps its gathered parameters after a forward (the root does) would otherwise run the next forward
+      on the old values.
+
+    Args:
+        model (`nn.Module`): the FSDP2 model (its FSDP modules are resharded after every write).
+        params (`list`): its trainable parameters, all DTensors.
+        reduce_sum (`Callable`): sums a tensor over processes.
+    """
+
+    sharded = True
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], reduce_sum: Callable[[torch.Tensor], torch.Tensor]):
+        from torch.distributed.fsdp import FSDPModule
+
+        if not all(isinstance(p, DTensor) for p in params):
+            raise ValueError(
+                "FSDP: some trainable parameters are not sharded (FSDP ignored_modules?); a sharded sharpness-aware "
+                "step needs FSDP to shard all of them."
+            )
+        self.params = params
+        with torch.no_grad():
+            self.tensors = [p.to_local() for p in params]
+        self.numel = sum(p.numel() for p in params)  # d of the whole model: a DTensor counts all its shards
+        self._reduce_sum = reduce_sum
+        fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+        def reshard():
+            for module in fsdp_modules:
+                module.reshard()
+
+        self.assign = functools.partial(written_parameters, after_write=reshard)
+
+    def gradient(self, objective: torch.Tensor) -> list[torch.Tensor]:
+        """This process's shard of ``grad(objective)`` averaged over processes."""
+        kept = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        try:
+            objective.backward()
+            return [torch.zeros_like(t) if p.grad is None else p.grad.to_local() for p, t in zip(self.params, self.tensors)]
+        finally:
+            for p, grad in zip(self.params, kept):
+                p.grad = grad
+
+    def norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return self._reduce_sum(global_norm(tensors).square()).sqrt()
