@@ -176,9 +176,10 @@ def image_classification_trainer(model, training_args: RWSAMConfig, train_ds, te
     )
 
 
-def dataset_id(name: str) -> str | None:
-    """The Hub id of a named dataset, for the model card's ``datasets`` metadata (None for digits or a folder)."""
-    return HUB_DATASETS[name].repo_id if name in HUB_DATASETS else None
+def dataset_id(name: str) -> str:
+    """The dataset for the model card: the Hub id of a named Hub dataset (it also goes to the ``datasets``
+    metadata), else the name given (``digits``, or the image folder)."""
+    return HUB_DATASETS[name].repo_id if name in HUB_DATASETS else name
 
 
 def main(argv: list[str]) -> dict:

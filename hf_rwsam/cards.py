@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
+import re
 from importlib import resources
 from typing import Any
 
@@ -53,7 +55,8 @@ def render_model_card(
         model_name (`str`): Title of the card and name of its ``model-index`` entry.
         model_class (`str`): Class name of the saved model; picks the loading snippet.
         repo_id (`str`): Hub repository id (or local folder) shown in the loading snippet.
-        dataset_name (`str`, *optional*): Training dataset, e.g. ``"uoft-cs/cifar10"``; goes to ``datasets``.
+        dataset_name (`str`, *optional*): Training dataset, e.g. ``"uoft-cs/cifar10"`` (a Hub id also goes to the
+            ``datasets`` metadata), ``"digits"`` or a local folder.
         noise_info (`dict`, *optional*):
             The training set's label-noise record, as returned by `hf_rwsam.data.label_noise_info`.
         tags (`list[str]`, *optional*): Tags added to hf-rwsam's own.
@@ -68,17 +71,18 @@ def render_model_card(
     accuracy = next((value for name, value in metrics.items() if name.endswith("accuracy")), None)
     # The Hub's `metrics`: what was evaluated, besides the loss (the training objective itself)
     metric_names = [name.removeprefix("eval_") for name in metrics if name != "eval_loss"]
+    hub_dataset = dataset_name if dataset_name and _is_hub_id(dataset_name) else None
     sam_tags = ["sharpness-aware-minimization", args.sam_mode] if args.sam_mode != "none" else []
     metadata = ModelCardData(
         library_name="transformers",
         pipeline_tag=task,
         tags=list(dict.fromkeys(["hf-rwsam", *sam_tags, task, *(tags or [])])),
-        datasets=[dataset_name] if dataset_name else None,
+        datasets=[hub_dataset] if hub_dataset else None,
         metrics=metric_names or None,
         model_name=model_name,
         eval_results=None if accuracy is None else [
             EvalResult(
-                task_type=task, dataset_type=dataset_name or "custom", dataset_name=dataset_name or "evaluation set",
+                task_type=task, dataset_type=hub_dataset or "custom", dataset_name=dataset_name or "evaluation set",
                 metric_type="accuracy", metric_value=accuracy,
             )
         ],
@@ -120,6 +124,11 @@ def _latest_evaluation(log_history: list[dict[str, Any]]) -> dict[str, Any] | No
         if metrics:
             return {"metrics": metrics, "step": entry.get("step"), "epoch": entry.get("epoch")}
     return None
+
+
+def _is_hub_id(name: str) -> bool:
+    """``owner/name`` and not a local path: a Hub dataset the ``datasets`` metadata can point to."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not os.path.exists(name)
 
 
 def _task(model_class: str) -> str:

@@ -164,8 +164,9 @@ class SharpnessAwareMixin:
             global_step=self.state.global_step,
             reference_loss_fn=None if num_items_in_batch is None else self._objective(None),
             msam_vmap_unavailable=None if num_items_in_batch is None else (
-                "the Trainer normalises this loss by num_items_in_batch (token counts over the accumulation window), "
-                "which the vmap m-SAM's per-group losses cannot reproduce"
+                f"the Trainer normalises {type(self.accelerator.unwrap_model(model)).__name__}'s loss by "
+                "num_items_in_batch (label counts over the accumulation window), which the vmap m-SAM's per-group "
+                "losses cannot reproduce"
             ),
         )
         # The clean loss in the units the Trainer logs: it returned c * L(x + e) where compute_loss gave L(x + e).

@@ -160,7 +160,7 @@ def test_trainer_writes_the_card_in_every_checkpoint_and_final_save(tmp_path):
     )
     trainer = RWSAMTrainer(
         model=TinyMLP(), args=args, train_dataset=train, eval_dataset=noisy_dataset(n=16, seed=1),
-        compute_metrics=accuracy, dataset_name="toy-digits",
+        compute_metrics=accuracy, dataset_name="user/toy-digits",
     )
     trainer.train()
     trainer.save_model()
@@ -176,7 +176,7 @@ def test_trainer_writes_the_card_in_every_checkpoint_and_final_save(tmp_path):
         assert f"Optimizer steps: {step} " in card
         assert f"| Realised rate | {100 * realised:.2f}%" in card
         meta = front_matter(card)
-        assert meta["datasets"] == ["toy-digits"]
+        assert meta["datasets"] == ["user/toy-digits"]
         assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == pytest.approx(evals[step])
 
 
@@ -187,3 +187,22 @@ def test_sequence_classifiers_get_the_text_classification_task_and_loader(tmp_pa
     assert "text-classification" in meta["tags"] and "image-classification" not in meta["tags"]
     assert meta["model-index"][0]["results"][0]["task"]["type"] == "text-classification"
     assert "AutoModelForSequenceClassification.from_pretrained" in card
+
+
+def test_metrics_metadata_lists_what_was_evaluated(tmp_path):
+    """Only the loss evaluated: no `metrics` claimed; accuracy evaluated: `accuracy` (the loss is the objective)."""
+    loss_only = [{"eval_loss": 0.7, "eval_runtime": 0.2, "epoch": 1.0, "step": 4}]
+    meta = front_matter(render(tmp_path, log_history=loss_only))
+    assert "metrics" not in meta
+    assert "| eval_loss | 0.7000 |" in render(tmp_path, log_history=loss_only)
+    assert front_matter(render(tmp_path))["metrics"] == ["accuracy"]
+
+
+def test_timm_note_only_for_timm_models_and_local_datasets_named_in_the_text(tmp_path):
+    assert "import hf_rwsam" in render(tmp_path)  # a TimmWrapperForImageClassification needs the registration
+    bert = render(tmp_path, model_class="BertForSequenceClassification")
+    assert "import hf_rwsam" not in bert and "timm" not in bert
+    args = RWSAMConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    card = render_model_card(args, TrainerState(), model_name="m", model_class="TinyMLP", repo_id="m",
+                             dataset_name="digits")
+    assert "Dataset: `digits`." in card and "datasets" not in front_matter(card)  # not a Hub id: text only

@@ -349,7 +349,8 @@ def loss_and_accuracy(logits: torch.Tensor, labels: list[int]) -> tuple[float, f
 def test_image_classification_on_digits(runs):
     out = finished(runs, "image")
     evaluation = check_outputs(out, ["eval_accuracy", "eval_loss"])
-    check_card(out, "rwsam", noise=True)
+    card = check_card(out, "rwsam", noise=True)
+    assert "Dataset: `digits`." in card.text and card.data.datasets is None  # named, but not a Hub dataset
     log = json.loads((out / "trainer_state.json").read_text())["log_history"]
     steps = [entry for entry in log if "loss" in entry]
     assert [entry["step"] for entry in steps] == [1, 2, 3]

@@ -22,3 +22,21 @@ def test_readme_table_lists_every_rwsam_config_field_with_its_default():
 
 def test_readme_shows_the_two_commands():
     assert "make demo" in README and "make test" in README
+
+
+def test_readme_per_sample_loss_example_trains_rwsam_on_the_weighted_loss(tmp_path):
+    """The README's class-weighted example runs as printed: RW-SAM accepts it and trains (2 classes, tiny MLP)."""
+    import torch
+
+    from utils import TinyMLP, make_tensors, sgd_config, tensor_dataset
+
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README, re.DOTALL) if "per_sample_loss_func" in b)
+    x, y = make_tensors(n=8, num_classes=2)
+    torch.manual_seed(0)
+    namespace = {"torch": torch, "model": TinyMLP(num_classes=2), "train_ds": tensor_dataset(x, y),
+                 "args": sgd_config(tmp_path, sam_mode="rwsam", max_steps=2)}
+    exec("from hf_rwsam import RWSAMTrainer\n" + block, namespace)
+    trainer = namespace["trainer"]
+    assert trainer.compute_loss_func is not None and trainer.sharpness_step.per_sample_loss_func is not None
+    trainer.train()
+    assert trainer.state.global_step == 2
