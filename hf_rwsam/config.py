@@ -49,6 +49,44 @@ def fsdp_problems(args, fsdp_version: int, cpu_offload: bool = False, parallelis
     return problems
 
 
+def check_training_arguments(args) -> None:
+    """Refuses what the sharpness-aware settings of `args` cannot do with its other training arguments: a batch m-SAM
+    cannot split, FSDP settings a sharded step cannot serve, DeepSpeed, the global scope with gradient accumulation.
+
+    Args:
+        args: `TrainingArguments` that are also `SharpnessSettings` (an `RWSAMConfig`, or your own combination).
+
+    Raises:
+        `ValueError` naming the field, the value and what is allowed.
+    """
+    if args.sam_mode == "msam" and args.per_device_train_batch_size % args.msam_micro_batch_size:
+        raise args.refuse(
+            "msam_micro_batch_size", args.msam_micro_batch_size,
+            f"it must be a positive divisor of per_device_train_batch_size={args.per_device_train_batch_size}",
+        )
+    if args.sam_mode != "none" and args.fsdp not in (None, False, "", []):
+        # fsdp_config may still be a file path here; the trainer checks again what Accelerate then uses
+        fsdp_config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
+        offload = "offload" in str(args.fsdp) or bool(fsdp_config.get("cpu_offload"))
+        problems = fsdp_problems(args, int(fsdp_config.get("version", 2)), offload,
+                                 getattr(args, "parallelism_config", None))
+        if problems:
+            raise args.refuse("fsdp", args.fsdp, "; ".join(problems) + f". {FSDP_SUPPORTED}")
+    if args.sam_mode != "none" and args.deepspeed:
+        raise args.refuse(
+            "deepspeed", args.deepspeed,
+            "DeepSpeed is not supported with sam_mode != 'none' (its engine owns the backward pass and the "
+            "gradients); use DDP (accelerate launch / torchrun) or FSDP2 through Accelerate",
+        )
+    if args.sam_mode != "none" and args.sam_perturbation_scope == "global" and args.gradient_accumulation_steps > 1:
+        raise args.refuse(
+            "sam_perturbation_scope", "global",
+            f"with gradient_accumulation_steps={args.gradient_accumulation_steps} > 1 the global ascent gradient "
+            "would need a second pass over the accumulation window; use 'device' (each micro-batch perturbs "
+            "with its own gradient) or gradient_accumulation_steps=1",
+        )
+
+
 @dataclass
 class RWSAMConfig(SharpnessSettings, TrainingArguments):
     r"""
@@ -57,37 +95,12 @@ class RWSAMConfig(SharpnessSettings, TrainingArguments):
     specified in `ALGORITHMS.md`). Invalid values raise `ValueError` here, at construction, naming the field, the
     value and what is allowed; settings the chosen mode ignores are reported once.
 
-    To give another Trainer's configuration the same fields (for `SharpnessAwareMixin`), combine the two:
-    ``@dataclass class RWSAMSFTConfig(RWSAMConfig, SFTConfig): pass``.
+    To give another trainer's configuration the same fields (for `SharpnessAwareMixin`), put `SharpnessSettings`
+    first, so that the other configuration's own defaults stay as they are:
+    ``@dataclass class RWSAMSFTConfig(SharpnessSettings, SFTConfig): pass``.
     """
 
     def validate(self):
-        """The settings' own checks, then those that involve the Trainer's: the batch m-SAM splits, FSDP, DeepSpeed
-        and gradient accumulation (before `TrainingArguments` acts on them)."""
+        """The settings' own checks, then those involving the Trainer's (before `TrainingArguments` acts on them)."""
         super().validate()
-        if self.sam_mode == "msam" and self.per_device_train_batch_size % self.msam_micro_batch_size:
-            raise self.refuse(
-                "msam_micro_batch_size", self.msam_micro_batch_size,
-                f"it must be a positive divisor of per_device_train_batch_size={self.per_device_train_batch_size}",
-            )
-        if self.sam_mode != "none" and self.fsdp not in (None, False, "", []):
-            # fsdp_config may still be a file path here; RWSAMTrainer checks again what Accelerate then uses
-            fsdp_config = self.fsdp_config if isinstance(self.fsdp_config, dict) else {}
-            offload = "offload" in str(self.fsdp) or bool(fsdp_config.get("cpu_offload"))
-            problems = fsdp_problems(self, int(fsdp_config.get("version", 2)), offload,
-                                     getattr(self, "parallelism_config", None))
-            if problems:
-                raise self.refuse("fsdp", self.fsdp, "; ".join(problems) + f". {FSDP_SUPPORTED}")
-        if self.sam_mode != "none" and self.deepspeed:
-            raise self.refuse(
-                "deepspeed", self.deepspeed,
-                "DeepSpeed is not supported with sam_mode != 'none' (its engine owns the backward pass and the "
-                "gradients); use DDP (accelerate launch / torchrun) or FSDP2 through Accelerate",
-            )
-        if self.sam_mode != "none" and self.sam_perturbation_scope == "global" and self.gradient_accumulation_steps > 1:
-            raise self.refuse(
-                "sam_perturbation_scope", "global",
-                f"with gradient_accumulation_steps={self.gradient_accumulation_steps} > 1 the global ascent gradient "
-                "would need a second pass over the accumulation window; use 'device' (each micro-batch perturbs "
-                "with its own gradient) or gradient_accumulation_steps=1",
-            )
+        check_training_arguments(self)

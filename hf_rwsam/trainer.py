@@ -9,7 +9,7 @@ the Trainer logs, adds the step's diagnostics to the logs, and writes model card
 The mixin makes any Trainer subclass sharpness-aware, e.g. TRL's::
 
     @dataclass
-    class RWSAMSFTConfig(RWSAMConfig, SFTConfig):
+    class RWSAMSFTConfig(SharpnessSettings, SFTConfig):  # settings first: SFTConfig keeps its own defaults
         pass
 
     class RWSAMSFTTrainer(SharpnessAwareMixin, SFTTrainer):
@@ -34,10 +34,10 @@ from transformers.utils import logging
 
 from .cards import render_model_card
 from .columns import NOISE_COLUMN
-from .config import FSDP_SUPPORTED, RWSAMConfig, fsdp_problems
+from .config import FSDP_SUPPORTED, RWSAMConfig, check_training_arguments, fsdp_problems
 from .data import label_noise_info
 from .losses import PER_SAMPLE_LOSS_EXAMPLE, PerSampleLossFunc, per_sample_loss
-from .sharpness import AccelerateHost, SharpnessAwareStep
+from .sharpness import AccelerateHost, SharpnessAwareStep, SharpnessSettings
 
 logger = logging.get_logger(__name__)
 
@@ -47,7 +47,8 @@ class SharpnessAwareMixin:
 
     ``class MyTrainer(SharpnessAwareMixin, SomeTrainer)``: `training_step` runs a `SharpnessAwareStep` whose
     objective is the trainer's `compute_loss` and whose descent is the trainer's own `training_step`; `log` adds the
-    step's diagnostics. The arguments must be an `RWSAMConfig` (combine it with the trainer's own configuration class).
+    step's diagnostics. The arguments must carry the `SharpnessSettings`: an `RWSAMConfig`, or the trainer's own
+    configuration class combined with them.
 
     Args:
         per_sample_loss_func (`Callable`, *optional*):
@@ -66,11 +67,13 @@ class SharpnessAwareMixin:
             logger.info("No `args` passed, using `output_dir=tmp_trainer` and RWSAMConfig's defaults.")
             kwargs["args"] = RWSAMConfig(output_dir="tmp_trainer")
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, RWSAMConfig):
+        if not isinstance(self.args, SharpnessSettings):
             raise ValueError(
-                f"{type(self).__name__} needs `args` to be an RWSAMConfig, got {type(self.args).__name__}; for another "
-                "trainer's configuration combine the two: `@dataclass class MyConfig(RWSAMConfig, OtherConfig): pass`."
+                f"{type(self).__name__} needs `args` with the sharpness-aware settings, an RWSAMConfig, got "
+                f"{type(self.args).__name__}; for another trainer's configuration combine the two, settings first: "
+                "`@dataclass class MyConfig(SharpnessSettings, OtherConfig): pass`."
             )
+        check_training_arguments(self.args)  # RWSAMConfig has done so already; a combined configuration has not
         self._check_backend(per_sample_loss_func)
         self._check_msam_batches()
         unwrapped = self.accelerator.unwrap_model(self.model)

@@ -212,6 +212,12 @@ class SharpnessAwareStep:
         value, outputs = loss_fn(model, inputs, return_outputs=True)
         losses = self._per_sample_losses(outputs, inputs)
         del outputs
+        if not losses.requires_grad:
+            raise ValueError(
+                "RW-SAM needs the per-sample losses of the ascent pass with their gradient, and these carry none: the "
+                "loss function returned outputs computed without autograd (TRL's SFTTrainer, for one, recomputes them "
+                "under no_grad when asked for outputs). Use sam_mode='sam' or 'msam' with this trainer."
+            )
         if not self._per_sample_losses_checked:
             self._check_per_sample_losses(model, inputs, losses, value, reference_loss_fn, rng, bn_modules)
         if s.rwsam_estimator == "fd":
@@ -356,13 +362,10 @@ class SharpnessAwareStep:
                 value = reference_loss_fn(model, inputs)
         mean, value = losses.detach().mean(), value.detach().float()
         rtol = 1e-3 if self.host.mixed_precision(model) else 1e-4  # reduction order only: ~1e-7 relative in fp32
-        if not losses.requires_grad:
-            problem = "the per-sample losses carry no gradient (the loss function returned outputs computed without it)"
-        elif not bool(torch.isclose(mean, value, rtol=rtol, atol=1e-6)):
-            problem = f"their mean is {mean.item():.6g} where the loss being optimised is {value.item():.6g}"
-        else:
+        if bool(torch.isclose(mean, value, rtol=rtol, atol=1e-6)):
             self._per_sample_losses_checked = True
             return
+        problem = f"their mean is {mean.item():.6g} where the loss being optimised is {value.item():.6g}"
         raise ValueError(
             "RW-SAM weights one loss per sample, and the built-in per-sample rule (cross-entropy, BCE or MSE on the "
             f"model's logits, from hf_rwsam.losses.per_sample_loss) does not reproduce this loss: {problem}. The loss "
