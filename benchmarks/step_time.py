@@ -1,10 +1,12 @@
-"""Per-step time and peak memory of every mode, side by side in one run, plus two peer SAM implementations.
+"""Per-step time, dispatched ATen ops and peak memory of every mode, side by side in one run, plus two peer SAM
+implementations.
 
     python benchmarks/step_time.py --quick --json benchmarks/step_time.json
 
 Each variant gets its own copy of the model and optimizer. Variants are timed interleaved (one step of each in turn,
 repeated) after warm-up, so machine noise hits all of them alike; the figure per variant is the median. Ratios
-compare medians of the same run. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the peak resident
+compare medians of the same run. ``aten_ops``: the ATen operators one step dispatches after warm-up
+(`hf_rwsam.profiling`), what a GPU pays in kernel launches where a step is launch-bound. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the peak resident
 set of a fresh subprocess that runs only that variant (the SGD subprocess is the baseline).
 """
 
@@ -28,6 +30,7 @@ from pytorch_optimizer import SAM as PeerSAM
 from torch import nn
 
 from hf_rwsam import RWSAMConfig, RWSAMTrainer
+from hf_rwsam.profiling import count_aten_ops
 
 
 class Classifier(nn.Module):
@@ -274,9 +277,11 @@ def main():
             if round_ >= args.warmup:
                 times[name].append(time.perf_counter() - start)
         print(f"round {round_ + 1}/{args.warmup + repeats} done", file=sys.stderr)
+    modes = {name: {"step_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()}
+    for name, step in steps.items():
+        modes[name]["aten_ops"] = count_aten_ops(step).total
     del steps
 
-    modes = {name: {"step_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()}
     if not args.no_memory:
         for name in names:
             if name not in COST_UNITS:
@@ -313,9 +318,10 @@ def main():
         "ratios": ratios,
         "modes": modes,
     }
-    print(f"{'variant':28s} {'median s':>9s} {'min s':>8s} {'peak MiB':>9s}")
+    print(f"{'variant':28s} {'median s':>9s} {'min s':>8s} {'aten ops':>9s} {'peak MiB':>9s}")
     for name, m in modes.items():
-        print(f"{name:28s} {m['step_s']:9.3f} {m['min_s']:8.3f} {m.get('peak_mem_mb', float('nan')):9.0f}")
+        print(f"{name:28s} {m['step_s']:9.3f} {m['min_s']:8.3f} {m['aten_ops']:9d} "
+              f"{m.get('peak_mem_mb', float('nan')):9.0f}")
     for key, value in ratios.items():
         print(f"{key:28s} {value:.3f}" if value is not None else f"{key:28s} n/a")
     if args.json:

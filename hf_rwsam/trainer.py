@@ -159,6 +159,7 @@ class SharpnessAwareMixin:
         if noisy is not None:
             inputs[NOISE_COLUMN] = noisy
         model.train()
+        self.sharpness_step.seed = self.args.seed  # as the Trainer reads it, also when changed after construction
         reported: list[torch.Tensor] = []  # what the Trainer's own steps returned, and the losses they computed
         perturbed: list[torch.Tensor] = []
         clean = self.sharpness_step(

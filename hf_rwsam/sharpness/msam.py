@@ -118,6 +118,23 @@ def _vmappable_batchnorm(model: nn.Module) -> Iterator[None]:
             h.remove()
 
 
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Refuses a forward that assigns new tensors to the model's buffers: under vmap they would be batched tensors
+    escaping the transform (and breaking the next `state_dict`). The buffers are put back, and the error lets the
+    ``"auto"`` implementation choose the loop."""
+    buffers = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()]
+    try:
+        yield
+    finally:
+        changed = [name for module, name, buffer in buffers if module._buffers.get(name) is not buffer]
+        for module, name, buffer in buffers:
+            module._buffers[name] = buffer
+    if changed:
+        raise RuntimeError(f"vmap: the forward assigns new values to the buffers {changed}, which torch.func cannot "
+                           "batch per group")
+
+
 def vmap_msam_step(
     model: nn.Module,
     inputs: Mapping[str, Any],
@@ -165,7 +182,7 @@ def vmap_msam_step(
 
     rng = RNGReplay(device)
     try:
-        with frozen_running_stats(bn_modules), _vmappable_batchnorm(model):
+        with frozen_running_stats(bn_modules), _vmappable_batchnorm(model), _buffers_kept(model):
             grads, (clean, means, variances) = vmap(
                 grad(ascent, has_aux=True), in_dims=(None, in_dims), randomness="different"
             )(params, grouped)
@@ -195,7 +212,7 @@ def vmap_msam_step(
     def descent(delta, group_inputs):
         return group_loss({n: params[n] + delta[n] for n in names}, group_inputs)
 
-    with rng.replay(), frozen_running_stats(bn_modules), _vmappable_batchnorm(model):
+    with rng.replay(), frozen_running_stats(bn_modules), _vmappable_batchnorm(model), _buffers_kept(model):
         perturbed = vmap(descent, in_dims=(0, in_dims), randomness="different")(e, grouped)
     return MSAMStepResult(
         clean_losses=clean, perturbed_losses=perturbed, ascent_grad_norms=norms, skipped=(~usable).float(),

@@ -15,8 +15,10 @@ conventions make those passes behave like one training forward:
 from __future__ import annotations
 
 import contextlib
+import random
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
@@ -40,7 +42,8 @@ def frozen_running_stats(modules: list[_NormBase]) -> Iterator[None]:
 
 
 class RNGReplay:
-    """Captures the RNG state of the CPU and of the accelerator a model lives on, and replays it on demand.
+    """Captures the RNG state of the CPU and of the accelerator a model lives on (and Python's and NumPy's), and
+    replays it on demand.
 
     Args:
         device (`torch.device`): the device whose generator the model's random ops use besides the CPU's.
@@ -58,14 +61,24 @@ class RNGReplay:
         self.devices = [device] if self.device_type is not None else []
         self.cpu_state = torch.get_rng_state()
         self.device_state = self._device_module().get_rng_state(device) if self.device_type else None
+        # Python's and NumPy's generators too, as the Trainer seeds them (a model may draw its noise there)
+        self.python_state = random.getstate()
+        self.numpy_state = np.random.get_state()
 
     def _device_module(self):
         return getattr(torch, self.device_type)
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
+        python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=self.devices, device_type=self.device_type or "cuda"):
             torch.set_rng_state(self.cpu_state)
             if self.device_type:
                 self._device_module().set_rng_state(self.device_state, self.devices[0])
-            yield
+            random.setstate(self.python_state)
+            np.random.set_state(self.numpy_state)
+            try:
+                yield
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)

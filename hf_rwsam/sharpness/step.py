@@ -361,6 +361,8 @@ class SharpnessAwareStep:
             with torch.no_grad(), rng.replay(), frozen_running_stats(bn_modules):
                 value = reference_loss_fn(model, inputs)
         mean, value = losses.detach().mean(), value.detach().float()
+        if not bool(torch.isfinite(mean) & torch.isfinite(value)):
+            return  # nothing to compare (a diverged step, say): checked again on the next one
         rtol = 1e-3 if self.host.mixed_precision(model) else 1e-4  # reduction order only: ~1e-7 relative in fp32
         if bool(torch.isclose(mean, value, rtol=rtol, atol=1e-6)):
             self._per_sample_losses_checked = True

@@ -1,0 +1,154 @@
+"""`SharpnessAwareStep` without the Trainer: a plain PyTorch loop, against the same independent references.
+
+* SAM / ASAM against `pytorch_optimizer.SAM`; ``none`` is a plain SGD step bit for bit;
+* m-SAM (loop and vmap) against the sequential m-SAM of test_msam.py; RW-SAM (exact) against the plain loop of
+  test_objective.py; fd probes reproducible from the step index;
+* the engine imports nothing from transformers.
+
+Tolerances as in test_sam_reference.py (fp32, same formulas in another order: ~1e-7 per step, 1e-5 after 5 steps).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_optimizer import SAM
+
+from hf_rwsam import SharpnessAwareStep, SharpnessSettings
+from hf_rwsam.sharpness import TorchHost
+
+from test_msam import msam_reference
+from test_objective import reference_rwsam
+from utils import TinyMLP, flat_params, make_tensors, relative_error
+
+TOL = 1e-5
+LR = 0.1
+STEPS = 5
+
+
+def loss_fn(model, batch, return_outputs=False):
+    outputs = model(batch["x"], labels=batch["labels"])
+    return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+
+def plain_loop(model, x, y, settings, steps=STEPS, **step_kwargs):
+    """A user's loop: the step, then SGD, on one fixed batch."""
+    step = SharpnessAwareStep(settings, TorchHost(), **step_kwargs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    model.train()
+    for _ in range(steps):
+        step(model, {"x": x, "labels": y}, loss_fn)
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, step
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return TinyMLP()
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_sam_in_a_plain_loop_matches_pytorch_optimizer(adaptive):
+    x, y = make_tensors(8, seed=1)
+    ours, _ = plain_loop(_model(), x, y, SharpnessSettings(sam_mode="sam", sam_rho=0.3, sam_adaptive=adaptive,
+                                                            sam_adaptive_eta=0.0))
+    reference = _model().train()
+    optimizer = SAM(reference.parameters(), torch.optim.SGD, rho=0.3, adaptive=adaptive, lr=LR, momentum=0.0)
+    for _ in range(STEPS):
+        F.cross_entropy(reference(x)["logits"], y).backward()
+        optimizer.first_step(zero_grad=True)
+        F.cross_entropy(reference(x)["logits"], y).backward()
+        optimizer.second_step(zero_grad=True)
+    assert relative_error(flat_params(ours), flat_params(reference)) <= TOL
+    sgd, _ = plain_loop(_model(), x, y, SharpnessSettings(sam_mode="none"))
+    assert relative_error(flat_params(ours), flat_params(sgd)) > 100 * TOL
+
+
+def test_mode_none_is_a_plain_step_bit_for_bit():
+    x, y = make_tensors(8, seed=2)
+    ours, _ = plain_loop(_model(), x, y, SharpnessSettings(sam_mode="none"))
+    reference = _model().train()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
+    for _ in range(STEPS):
+        loss_fn(reference, {"x": x, "labels": y}).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(flat_params(ours), flat_params(reference))
+
+
+@pytest.mark.parametrize("implementation", ["loop", "vmap"])
+def test_msam_in_a_plain_loop_matches_sequential_msam(implementation):
+    x, y = make_tensors(8, seed=3)
+    settings = SharpnessSettings(sam_mode="msam", msam_micro_batch_size=2, msam_implementation=implementation,
+                                 sam_rho=0.05)
+    ours, step = plain_loop(_model(), x, y, settings)
+    reference = msam_reference(_model(), x, y, 2, 0.05, LR, STEPS)
+    assert relative_error(flat_params(ours), flat_params(reference)) <= TOL
+    assert step._msam_vmap_ok is (True if implementation == "vmap" else None)
+
+
+def test_rwsam_exact_in_a_plain_loop_matches_the_gibbs_reference():
+    x, y = make_tensors(8, seed=4)
+    settings = SharpnessSettings(sam_mode="rwsam", rwsam_estimator="exact", rwsam_lambda=2.0, sam_rho=0.1)
+    ours, step = plain_loop(_model(), x, y, settings)
+
+    def per_sample(outputs, labels):
+        return F.cross_entropy(outputs["logits"], labels, reduction="none")
+
+    def mean_loss(model, xi, yi):
+        return F.cross_entropy(model(xi)["logits"], yi)
+
+    reference = reference_rwsam(_model(), x, y, per_sample, mean_loss)
+    assert relative_error(flat_params(ours), flat_params(reference)) <= TOL
+    metrics = step.pop_metrics()
+    assert {"rwsam/ess", "rwsam/lambda", "sam/ascent_grad_norm", "sam/sharpness"} <= metrics.keys()
+    assert step.pop_metrics() == {}  # popped: the next interval starts empty
+
+
+def test_fd_probes_are_drawn_again_from_the_step_index():
+    """Two steps from the same weights and the same global_step draw the same probes, hence the same gradient; another
+    global_step draws others."""
+    x, y = make_tensors(8, seed=5)
+    settings = SharpnessSettings(sam_mode="rwsam", rwsam_lambda=4.0, rwsam_num_probes=1)
+    grads = {}
+    for name, global_step in (("a", 7), ("b", 7), ("c", 8)):
+        model = _model()
+        SharpnessAwareStep(settings, seed=3)(model, {"x": x, "labels": y}, loss_fn, global_step=global_step)
+        grads[name] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.equal(grads["a"], grads["b"])
+    assert not torch.equal(grads["a"], grads["c"])
+
+
+def test_the_engine_imports_nothing_from_transformers():
+    sharpness = Path(__file__).resolve().parents[1] / "hf_rwsam" / "sharpness"
+    for path in sharpness.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "transformers" for n in names), f"{path.name} imports {names}"
+
+
+def test_msam_batch_that_does_not_split_is_refused_by_name():
+    x, y = make_tensors(6)
+    step = SharpnessAwareStep(SharpnessSettings(sam_mode="msam", msam_micro_batch_size=4))
+    with pytest.raises(ValueError, match=r"SharpnessSettings\.msam_micro_batch_size=4 does not divide this batch of 6"):
+        step(_model(), {"x": x, "labels": y}, loss_fn)
+
+
+def test_default_descent_scales_by_the_share_and_backpropagates_the_scaled_loss_under_a_grad_scaler():
+    """A loop with a GradScaler: the ascent is unscaled (same perturbation as without), the descent's .grad is scaled
+    like `scaler.scale(loss).backward()` would, so `scaler.step` then unscales it."""
+    x, y = make_tensors(8, seed=6)
+    settings = SharpnessSettings(sam_mode="sam", sam_rho=0.3)
+    plain, scaled = _model(), _model()
+    SharpnessAwareStep(settings)(plain, {"x": x, "labels": y}, loss_fn)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    SharpnessAwareStep(settings, TorchHost(grad_scaler=scaler))(scaled, {"x": x, "labels": y}, loss_fn)
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(q.grad, 1024.0 * p.grad, rtol=1e-6, atol=1e-7)
+
