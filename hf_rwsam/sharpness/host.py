@@ -115,7 +115,14 @@ class TorchHost:
 
     def parameters(self, model: nn.Module) -> LocalParameters | ShardedParameters:
         params = trainable_parameters(model)
-        return ShardedParameters(model, params, self._reduce_sum) if is_sharded(params) else LocalParameters(params)
+        return ShardedParameters(model, params, self._reduce_sum) if is_sharded(params) else self._local(params)
+
+    def _local(self, params: list[nn.Parameter]) -> LocalParameters:
+        """The same `LocalParameters` from step to step while the parameters stay the same."""
+        cached = getattr(self, "_local_parameters", None)
+        if cached is None or not cached.same_as(params):
+            cached = self._local_parameters = LocalParameters(params)
+        return cached
 
 
 class AccelerateHost(TorchHost):
@@ -172,4 +179,4 @@ class AccelerateHost(TorchHost):
                 "Trainer, by fully_shard or a distributed from_pretrained); SAM modes support sharding only through "
                 "Accelerate's FSDP plugin."
             )
-        return LocalParameters(params)
+        return self._local(params)

@@ -79,13 +79,17 @@ def sam_perturbation(
 
 
 @contextlib.contextmanager
-def swapped_parameters(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> Iterator[None]:
+def swapped_parameters(
+    params: Sequence[torch.Tensor], values: Sequence[torch.Tensor], originals: Sequence[torch.Tensor] | None = None
+) -> Iterator[None]:
     """`params` hold `values` inside the block and their own storage again after it, also when the block raises.
 
     The storage is swapped (``p.data = v``), not copied: restoring is bit-exact by construction and costs no pass
     over the parameters, and nothing needs saving. Each value must match its parameter's shape, dtype and device.
+    `originals` are the parameters' own storage (``p.data``, which dispatches one ``detach`` per parameter when read:
+    `LocalParameters` keeps them from step to step).
     """
-    originals = [p.data for p in params]
+    originals = [p.data for p in params] if originals is None else originals
     try:
         for p, v in zip(params, values):
             p.data = v

@@ -39,7 +39,18 @@ class LocalParameters:
         self.params = params
         self.tensors = params  # what the perturbation is computed on and written to
         self.numel = sum(p.numel() for p in params)
-        self.assign = swapped_parameters
+        self._originals = [p.data for p in params]
+
+    def same_as(self, params: list[nn.Parameter]) -> bool:
+        """Whether `params` are these parameters, on the same storage (no ATen op: kept from step to step)."""
+        return len(params) == len(self.params) and all(
+            p is q and p.data_ptr() == o.data_ptr() and p.shape == o.shape
+            for p, q, o in zip(params, self.params, self._originals)
+        )
+
+    def assign(self, params, values):
+        """`swapped_parameters` with the parameters' own storage kept from construction (see `same_as`)."""
+        return swapped_parameters(params, values, self._originals if params is self.tensors else None)
 
     def gradient(self, objective: torch.Tensor) -> list[torch.Tensor]:
         """``grad(objective)`` with respect to every parameter (zeros for unused ones); ``.grad`` is not touched."""

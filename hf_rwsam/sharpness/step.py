@@ -44,7 +44,15 @@ from ..losses import PER_SAMPLE_LOSS_EXAMPLE, PerSampleLossFunc, per_sample_loss
 from .host import TorchHost
 from .msam import batch_size, split_batch, vmap_msam_step
 from .perturb import perturbed, sam_perturbation
-from .reweight import effective_sample_size, exact_sample_grad_norms, fd_norms, fd_probe_losses, gibbs_weights, rademacher_seed
+from .reweight import (
+    RademacherDirections,
+    effective_sample_size,
+    exact_sample_grad_norms,
+    fd_norms,
+    fd_probe_losses,
+    gibbs_weights,
+    rademacher_seed,
+)
 from .settings import SharpnessSettings
 from .state import RNGReplay, frozen_running_stats, running_stat_modules
 
@@ -115,6 +123,7 @@ class SharpnessAwareStep:
         self._step_index = (-1, 0)  # (global step, micro-step within it), seeds the probes
         self._calls = 0
         self._bn_cache: tuple[nn.Module | None, list] = (None, [])
+        self._directions = RademacherDirections()  # the probes' buffers, kept from step to step
         if settings.sam_mode == "msam" and settings.msam_implementation == "vmap" and self.host.num_processes > 1:
             raise settings.refuse(
                 "msam_implementation", "vmap", "it bypasses the DDP forward, so it runs on one process only; choose "
@@ -206,7 +215,7 @@ class SharpnessAwareStep:
             probe_losses = self._probe_function(model, inputs, loss_fn, rng, bn_modules)
             probes = fd_probe_losses(probe_losses, params.tensors, s.rwsam_num_probes, s.rwsam_fd_step,
                                      self._probe_generator(params.tensors[0].device), num_coordinates=params.numel,
-                                     assign=params.assign)
+                                     assign=params.assign, directions=self._directions)
             # Under mixed precision the slopes need an fp32 reference at x too; in fp32 the ascent's losses are it.
             fd_reference = probe_losses() if self.host.mixed_precision(model) else None
         value, outputs = loss_fn(model, inputs, return_outputs=True)
