@@ -6,7 +6,8 @@ implementations.
 Each variant gets its own copy of the model and optimizer. Variants are timed interleaved (one step of each in turn,
 repeated) after warm-up, so machine noise hits all of them alike; the figure per variant is the median. Ratios
 compare medians of the same run. ``aten_ops``: the ATen operators one step dispatches after warm-up
-(`hf_rwsam.profiling`), what a GPU pays in kernel launches where a step is launch-bound. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the peak resident
+(`hf_rwsam.profiling`), what a GPU pays in kernel launches where a step is launch-bound (not for ``*_compiled``
+variants: under a dispatch mode compiled code runs eagerly). ``--bf16``: real autocast, checked before timing. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the peak resident
 set of a fresh subprocess that runs only that variant (the SGD subprocess is the baseline).
 """
 
@@ -59,11 +60,30 @@ def trainer_variants(batch: int) -> dict[str, dict]:
     for q in (1, 2, 4):
         variants[f"rwsam_fd_q{q}"] = dict(sam_mode="rwsam", rwsam_num_probes=q)
     variants["rwsam_exact"] = dict(sam_mode="rwsam", rwsam_estimator="exact", rwsam_exact_chunk_size=16)
+    for name in ("sgd", "sam", "msam_loop_b/8", "rwsam_fd_q1", "rwsam_exact"):
+        variants[f"{name}_compiled"] = dict(variants[name], torch_compile=True)
     return variants
 
 
+def first_activation_dtype(model, batch) -> torch.dtype:
+    """The dtype of the first convolution's (or linear layer's) output in one forward: bf16 iff autocast runs."""
+    layer = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    seen = []
+    handle = layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 class TrainerStep:
-    """One optimizer step of RWSAMTrainer: its training_step, then the Trainer's optimizer step and zero_grad."""
+    """One optimizer step of RWSAMTrainer: its training_step, then the Trainer's optimizer step and zero_grad.
+
+    The model and optimizer are prepared by the Trainer's Accelerator exactly as `train()` prepares them, so bf16 runs
+    in autocast and ``torch_compile`` compiles; with ``--bf16`` the autocast is checked before anything is timed.
+    """
 
     def __init__(self, model, batch, settings, device, bf16):
         args = RWSAMConfig(
@@ -74,7 +94,11 @@ class TrainerStep:
         self.trainer = RWSAMTrainer(model=model, args=args)
         self.trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
         self.trainer.current_gradient_accumulation_steps = 1
-        self.model, self.batch = self.trainer.model, batch
+        self.model, self.trainer.optimizer = self.trainer.accelerator.prepare(self.trainer.model, self.trainer.optimizer)
+        self.trainer.model_wrapped = self.model
+        self.batch = batch
+        if bf16 and first_activation_dtype(self.model, batch) != torch.bfloat16:
+            raise RuntimeError("--bf16: the prepared model runs no autocast; the figures would be fp32 ones")
 
     def __call__(self):
         self.trainer.training_step(self.model, self.batch)
@@ -83,16 +107,24 @@ class TrainerStep:
 
 
 class HandSAMStep:
-    """The davda54/sam first/second step, written out: the peer every SAM implementation is compared with."""
+    """The davda54/sam first/second step, written out: the peer every SAM implementation is compared with (in bf16
+    autocast with ``--bf16``, compiled with ``hand_sam_compiled``)."""
 
-    def __init__(self, model, batch, rho=0.05):
-        self.model, self.batch, self.rho = model, batch, rho
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    def __init__(self, model, batch, rho=0.05, bf16=False, compiled=False):
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.model, self.batch, self.rho = torch.compile(model) if compiled else model, batch, rho
+        self.optimizer = torch.optim.SGD(self.params, lr=0.05)
+        self.device_type, self.bf16 = next(model.parameters()).device.type, bf16
+
+    def forward_backward(self):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.model(**self.batch)["loss"]
+        loss.backward()
 
     def __call__(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.model(**self.batch)["loss"].backward()
+        params = self.params
+        self.forward_backward()
         with torch.no_grad():
             norm = torch.norm(torch.stack([p.grad.norm(2) for p in params]), 2)
             e = [p.grad * (self.rho / (norm + 1e-12)) for p in params]
@@ -102,7 +134,7 @@ class HandSAMStep:
         momenta = [m.momentum for m in self.bn]
         for m in self.bn:
             m.momentum = 0.0
-        self.model(**self.batch)["loss"].backward()
+        self.forward_backward()
         for m, mom in zip(self.bn, momenta):
             m.momentum = mom
         with torch.no_grad():
@@ -113,7 +145,8 @@ class HandSAMStep:
 
 
 class ProbeForward:
-    """One no-grad training-mode forward: the cost of an fd probe, hence RW-SAM's floor ``1 + fwd / SAM``."""
+    """One no-grad training-mode forward: the cost of an fd probe, hence RW-SAM's floor ``1 + fwd / SAM`` (in fp32,
+    as the probes run also under ``--bf16``)."""
 
     def __init__(self, model, batch):
         self.model, self.batch = model.train(), {k: v for k, v in batch.items() if k != "labels"}
@@ -126,13 +159,16 @@ class ProbeForward:
 class MicroBatchForwardBackward:
     """Forward and backward of the batch in ``k`` micro-batches, no optimizer: the compute m-SAM repeats twice."""
 
-    def __init__(self, model, batch, k):
+    def __init__(self, model, batch, k, bf16=False):
         self.model = model.train()
         self.chunks = [dict(zip(batch, values)) for values in zip(*(v.chunk(k) for v in batch.values()))]
+        self.device_type, self.bf16 = next(model.parameters()).device.type, bf16
 
     def __call__(self):
         for chunk in self.chunks:
-            self.model(**chunk)["loss"].backward()
+            with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.model(**chunk)["loss"]
+            loss.backward()
         self.model.zero_grad(set_to_none=True)
 
 
@@ -149,29 +185,35 @@ class ParameterPass:
 
 
 class PeerSAMStep:
-    """pytorch_optimizer.SAM with SGD."""
+    """pytorch_optimizer.SAM with SGD (in bf16 autocast with ``--bf16``)."""
 
-    def __init__(self, model, batch, rho=0.05):
+    def __init__(self, model, batch, rho=0.05, bf16=False):
         self.model, self.batch = model, batch
         self.optimizer = PeerSAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=rho, lr=0.05)
+        self.device_type, self.bf16 = next(model.parameters()).device.type, bf16
+
+    def forward_backward(self):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.model(**self.batch)["loss"]
+        loss.backward()
 
     def __call__(self):
-        self.model(**self.batch)["loss"].backward()
+        self.forward_backward()
         self.optimizer.first_step(zero_grad=True)
-        self.model(**self.batch)["loss"].backward()
+        self.forward_backward()
         self.optimizer.second_step(zero_grad=True)
 
 
 def build(name, base, batch, device, bf16):
     model = copy.deepcopy(base).to(device)
-    if name == "hand_sam":
-        return HandSAMStep(model, batch)
+    if name in ("hand_sam", "hand_sam_compiled"):
+        return HandSAMStep(model, batch, bf16=bf16, compiled=name.endswith("_compiled"))
     if name == "pytorch_optimizer_sam":
-        return PeerSAMStep(model, batch)
+        return PeerSAMStep(model, batch, bf16=bf16)
     if name == "forward_nograd":
         return ProbeForward(model, batch)
     if name.startswith("fwd_bwd_b/"):
-        return MicroBatchForwardBackward(model, batch, int(name.split("/")[1]))
+        return MicroBatchForwardBackward(model, batch, int(name.split("/")[1]), bf16)
     if name == "parameter_pass":
         return ParameterPass(model)
     return TrainerStep(model, batch, trainer_variants(batch["labels"].shape[0])[name], device, bf16)
@@ -201,8 +243,8 @@ def make_batch(args, device):
 
 
 def all_variant_names(batch_size):
-    return list(trainer_variants(batch_size)) + ["hand_sam", "pytorch_optimizer_sam", "forward_nograd", "fwd_bwd_b/1",
-                                                  "fwd_bwd_b/8", "parameter_pass"]
+    return list(trainer_variants(batch_size)) + ["hand_sam", "hand_sam_compiled", "pytorch_optimizer_sam",
+                                                  "forward_nograd", "fwd_bwd_b/1", "fwd_bwd_b/8", "parameter_pass"]
 
 
 def peak_memory_mb(name, args) -> float:
@@ -278,8 +320,8 @@ def main():
                 times[name].append(time.perf_counter() - start)
         print(f"round {round_ + 1}/{args.warmup + repeats} done", file=sys.stderr)
     modes = {name: {"step_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()}
-    for name, step in steps.items():
-        modes[name]["aten_ops"] = count_aten_ops(step).total
+    for name, step in steps.items():  # (a dispatch mode runs compiled code eagerly: no count for compiled variants)
+        modes[name]["aten_ops"] = None if name.endswith("_compiled") else count_aten_ops(step).total
     del steps
 
     if not args.no_memory:
@@ -302,7 +344,11 @@ def main():
         "asam/sam": ratio("asam", "sam"),
         "rwsam/sam_limit": 1 + ratio("forward_nograd", "sam") if "forward_nograd" in modes else None,
         "msam/sam_limit": msam_limit(modes, k=8),
+        "sam_compiled/sgd_compiled": ratio("sam_compiled", "sgd_compiled"),
+        "rwsam_compiled/sam_compiled": ratio("rwsam_fd_q1_compiled", "sam_compiled"),
+        "trainer_sam_compiled/loop_sam_compiled": ratio("sam_compiled", "hand_sam_compiled"),
     }
+    ratios = {key: value for key, value in ratios.items() if value is not None}
     memory = {n: m["peak_mem_mb"] for n, m in modes.items() if "peak_mem_mb" in m}
     if {"sgd", "sam", "rwsam_fd_q1"} <= memory.keys():
         param_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
@@ -320,10 +366,11 @@ def main():
     }
     print(f"{'variant':28s} {'median s':>9s} {'min s':>8s} {'aten ops':>9s} {'peak MiB':>9s}")
     for name, m in modes.items():
-        print(f"{name:28s} {m['step_s']:9.3f} {m['min_s']:8.3f} {m['aten_ops']:9d} "
+        ops = "-" if m["aten_ops"] is None else m["aten_ops"]
+        print(f"{name:28s} {m['step_s']:9.3f} {m['min_s']:8.3f} {ops:>9} "
               f"{m.get('peak_mem_mb', float('nan')):9.0f}")
     for key, value in ratios.items():
-        print(f"{key:28s} {value:.3f}" if value is not None else f"{key:28s} n/a")
+        print(f"{key:38s} {value:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

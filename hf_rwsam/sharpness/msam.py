@@ -47,7 +47,8 @@ def _is_batched(value: Any, b: int) -> bool:
 @dataclass
 class MSAMStepResult:
     clean_losses: torch.Tensor  # [k] each group's loss at x
-    perturbed_losses: torch.Tensor  # [k] each group's loss at x + e_j, with its graph to the parameters
+    perturbed_losses: torch.Tensor  # [k] each group's loss at x + e_j
+    descent_objective: torch.Tensor  # its value is mean_j L_j(x + e_j), its gradient the mean descent gradient
     ascent_grad_norms: torch.Tensor  # [k] ||T g_j||
     skipped: torch.Tensor  # [k] 1.0 where ||T g_j|| was zero or not finite
     update_running_stats: Callable[[], None]  # applies the ascent passes' BatchNorm statistics, group after group
@@ -148,9 +149,9 @@ def vmap_msam_step(
     """All m-SAM groups at once: batched ascent gradients, perturbations and descent losses with ``torch.func``.
 
     Each group's loss is ``loss_fn(model, group)``, evaluated at per-group parameters with `functional_call`, so the
-    ascent follows the loop's own objective. The returned ``perturbed_losses`` keep their graph to the model's
-    parameters: backpropagating their mean accumulates the mean of the groups' descent gradients into ``.grad``. Random
-    ops draw different numbers per group, and the descent replays the ascent's. The BatchNorm running statistics the
+    ascent follows the loop's own objective. Backpropagating the returned ``descent_objective`` (whose value is the
+    groups' mean loss at their perturbed points) accumulates the mean of the groups' descent gradients into ``.grad``.
+    Random ops draw different numbers per group, and the descent replays the ascent's. The BatchNorm running statistics the
     ascent saw are applied only by ``update_running_stats()``, once the caller's descent has succeeded.
 
     Args:
@@ -209,12 +210,25 @@ def vmap_msam_step(
             e[n] = t * factor.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
         del g, grads
 
-    def descent(delta, group_inputs):
-        return group_loss({n: params[n] + delta[n] for n in names}, group_inputs)
+    fixed = {n: params[n].detach() for n in names}
 
+    def descent(delta, group_inputs):
+        loss = group_loss({n: fixed[n] + delta[n] for n in names}, group_inputs)
+        return loss, loss.detach()
+
+    # The descent gradients come from torch.func too (vmap of grad): autocast, which the model's forward may enter
+    # (Accelerate wraps it so), is ignored under a bare vmap and honoured under vmap(grad), as in the ascent.
     with rng.replay(), frozen_running_stats(bn_modules), _vmappable_batchnorm(model), _buffers_kept(model):
-        perturbed = vmap(descent, in_dims=(0, in_dims), randomness="different")(e, grouped)
+        descent_grads, perturbed = vmap(grad(descent, has_aux=True), in_dims=(0, in_dims), randomness="different")(
+            e, grouped
+        )
+    del e
+    with torch.no_grad():
+        mean_grads = {n: descent_grads.pop(n).mean(0) for n in names}
+    # The objective whose gradient is the groups' mean descent gradient and whose value is their mean loss
+    objective = perturbed.mean() + sum((mean_grads[n] * (params[n] - fixed[n])).sum() for n in names)
     return MSAMStepResult(
-        clean_losses=clean, perturbed_losses=perturbed, ascent_grad_norms=norms, skipped=(~usable).float(),
+        clean_losses=clean, perturbed_losses=perturbed, descent_objective=objective, ascent_grad_norms=norms,
+        skipped=(~usable).float(),
         update_running_stats=lambda: recorder.apply_in_group_order(means, variances),
     )

@@ -120,6 +120,8 @@ class SharpnessAwareStep:
         self._metrics = _RunningMeans()
         self._per_sample_losses_checked = per_sample_loss_func is not None
         self._msam_vmap_ok: bool | None = None  # decided on the first m-SAM step under "auto"
+        self._warned_vmap_uncompiled = False
+        self._warned_exact_uncompiled = False
         self._step_index = (-1, 0)  # (global step, micro-step within it), seeds the probes
         self._calls = 0
         self._bn_cache: tuple[nn.Module | None, list] = (None, [])
@@ -218,7 +220,7 @@ class SharpnessAwareStep:
                                      assign=params.assign, directions=self._directions)
             # Under mixed precision the slopes need an fp32 reference at x too; in fp32 the ascent's losses are it.
             fd_reference = probe_losses() if self.host.mixed_precision(model) else None
-        value, outputs = loss_fn(model, inputs, return_outputs=True)
+        value, outputs = loss_fn(self._eager_for_exact_norms(model), inputs, return_outputs=True)
         losses = self._per_sample_losses(outputs, inputs)
         del outputs
         if not losses.requires_grad:
@@ -238,6 +240,17 @@ class SharpnessAwareStep:
                                      return_lambda=True)
         self._log_weights(weights, lam, noisy)
         return value, losses, self._local_slice(weights)
+
+    def _eager_for_exact_norms(self, model):
+        """The model for RW-SAM's ascent pass: with the exact estimator, a compiled model's eager module (its batched
+        backward passes reuse the graph, which compiled backward functions, donating their buffers, refuse)."""
+        if self.settings.rwsam_estimator != "exact" or not hasattr(model, "_orig_mod"):
+            return model
+        if not self._warned_exact_uncompiled:
+            logger.warning("RW-SAM's exact estimator runs its ascent pass uncompiled (its batched backward passes reuse "
+                           "the graph); the 'fd' estimator and the descent run compiled.")
+            self._warned_exact_uncompiled = True
+        return model._orig_mod
 
     def _msam_step(self, model, inputs, loss_fn, descent, vmap_unavailable=None):
         s = self.settings
@@ -263,6 +276,10 @@ class SharpnessAwareStep:
         s = self.settings
         explicit = s.msam_implementation == "vmap"
         unwrapped = self.host.unwrap(model)
+        if hasattr(model, "_orig_mod") and not self._warned_vmap_uncompiled:
+            logger.warning("m-SAM's vmap implementation runs the model uncompiled: torch.func transforms the eager module "
+                           "(msam_implementation='loop' runs the compiled one).")
+            self._warned_vmap_uncompiled = True
         try:
             with self.host.no_sync(model):
                 result = vmap_msam_step(unwrapped, inputs, loss_fn, k, s.sam_rho, s.sam_adaptive, s.sam_adaptive_eta,
@@ -281,7 +298,7 @@ class SharpnessAwareStep:
             )
             self._msam_vmap_ok = False
             return None
-        perturbed_loss = descent(inputs, 1, loss=result.perturbed_losses.mean())
+        perturbed_loss = descent(inputs, 1, loss=result.descent_objective)
         result.update_running_stats()
         self._msam_vmap_ok = True
         for norm in result.ascent_grad_norms:
