@@ -126,15 +126,23 @@ def written_parameters(
 
 @contextlib.contextmanager
 def perturbed(
-    params: Sequence[torch.Tensor], e: list[torch.Tensor], assign=swapped_parameters
+    params: Sequence[torch.Tensor], e: list[torch.Tensor], assign=swapped_parameters,
+    storage: list[torch.Tensor] | None = None,
 ) -> Iterator[None]:
     """Parameters at ``x + e`` inside the block, exactly ``x`` afterwards, also when the block raises.
 
-    `e` is consumed: ``x + e`` is written into its storage (one pass over the parameters), which the parameters then
-    hold through `assign`: `swapped_parameters` (default: no copy, the storage of ``x`` is kept aside untouched) or
-    `written_parameters` (sharded parameters).
+    `e` is consumed: ``x + e`` is written into its storage (one pass over the parameters), or into `storage` (tensors
+    laid out like `params`, e.g. buffers already kept for RW-SAM's probes; `e` is then emptied, so its memory is freed
+    before the block), which the parameters then hold through `assign`: `swapped_parameters` (default: no copy, the
+    storage of ``x`` is kept aside untouched) or `written_parameters` (sharded parameters).
     """
     with torch.no_grad():
-        torch._foreach_add_(e, list(params))
-    with assign(params, e):
+        if storage is None:
+            torch._foreach_add_(e, list(params))
+            storage = e
+        else:
+            torch._foreach_copy_(storage, list(params))
+            torch._foreach_add_(storage, e)
+            e.clear()
+    with assign(params, storage):
         yield

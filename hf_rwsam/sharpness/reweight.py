@@ -100,6 +100,19 @@ class RademacherDirections:
         for group, members in zip(self._groups, self._members):
             group.params = [params[i] for i in members]
 
+    def storage(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The buffers' views laid out like `params`: free for other values between draws (RW-SAM puts ``x + e`` there,
+        so that the buffers take the place of the perturbation's own memory rather than adding to it)."""
+        self._arrange(params)
+        return self._views()
+
+    def _views(self) -> list[torch.Tensor]:
+        views = [None] * sum(len(members) for members in self._members)
+        for group, members in zip(self._groups, self._members):
+            for i, view in zip(members, group.views):
+                views[i] = view
+        return views
+
     @torch.no_grad()
     def shifted(self, params: Sequence[torch.Tensor], alpha: float, generator: torch.Generator | None = None):
         """``x + alpha z`` for a fresh ``z``, as views of the buffers laid out like `params` (valid until the next
@@ -119,11 +132,7 @@ class RademacherDirections:
             else:
                 group.values.copy_(group.signs[: group.values.numel()]).mul_(alpha)
             torch._foreach_add_(group.views, group.params)
-        shifted = [None] * len(params)
-        for group, members in zip(self._groups, self._members):
-            for i, view in zip(members, group.views):
-                shifted[i] = view
-        return shifted
+        return self._views()
 
 
 @torch.no_grad()

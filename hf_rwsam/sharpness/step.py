@@ -203,7 +203,10 @@ class SharpnessAwareStep:
         self._metrics.add("sam/ascent_grad_norm", perturbation.ascent_grad_norm)
         self._metrics.add("sam/skipped_perturbations", float(perturbation.skipped))
         del grads  # they are perturbation.e, which `perturbed` turns into x + e
-        with perturbed(params.tensors, perturbation.e, params.assign), rng.replay(), frozen_running_stats(bn_modules):
+        # RW-SAM's probe buffers hold x + e, in place of the perturbation's own memory: its peak stays SAM's
+        storage = self._directions.storage(params.tensors) if reweight and s.rwsam_estimator == "fd" else None
+        with perturbed(params.tensors, perturbation.e, params.assign, storage), rng.replay(), \
+                frozen_running_stats(bn_modules):
             perturbed_loss = descent(inputs, share)
         clean = loss.detach()
         self._metrics.add("sam/sharpness", perturbed_loss.detach().float() - clean.float())
