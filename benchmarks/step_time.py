@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from pytorch_optimizer import SAM as PeerSAM
+from timm.layers import GroupNorm
 from torch import nn
 
 from hf_rwsam import RWSAMConfig, RWSAMTrainer
@@ -35,11 +37,12 @@ from hf_rwsam.profiling import count_aten_ops
 
 
 class Classifier(nn.Module):
-    """A timm model with the Trainer's calling convention."""
+    """A timm model with the Trainer's calling convention (``norm="groupnorm"``: GroupNorm, 8 groups, for BatchNorm)."""
 
-    def __init__(self, name: str, num_classes: int):
+    def __init__(self, name: str, num_classes: int, norm: str = "batchnorm"):
         super().__init__()
-        self.body = timm.create_model(name, num_classes=num_classes)
+        kwargs = {} if norm == "batchnorm" else {"norm_layer": functools.partial(GroupNorm, num_groups=8)}
+        self.body = timm.create_model(name, num_classes=num_classes, **kwargs)
 
     def forward(self, pixel_values, labels=None):
         logits = self.body(pixel_values)
@@ -270,7 +273,7 @@ def peak_memory_mb(name, args) -> float:
 
 def make_model(args):
     torch.manual_seed(0)
-    return Classifier(args.model, args.num_classes)
+    return Classifier(args.model, args.num_classes, args.norm)
 
 
 def main():
@@ -280,6 +283,8 @@ def main():
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--norm", choices=("batchnorm", "groupnorm"), default="batchnorm",
+                        help="the model's normalisation layers (groupnorm: timm's GroupNorm, 8 groups)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 quick, 20 otherwise)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default=None, help="comma-separated subset of variants")
@@ -357,7 +362,7 @@ def main():
     result = {
         "date": date.today().isoformat(),
         "command": "python " + " ".join(sys.argv),
-        "setting": dict(model=args.model, image_size=args.image_size, batch_size=args.batch_size,
+        "setting": dict(model=args.model, norm=args.norm, image_size=args.image_size, batch_size=args.batch_size,
                         device=args.device, bf16=args.bf16, repeats=repeats, torch=torch.__version__,
                         threads=torch.get_num_threads(), machine=platform.machine()),
         "msam_b/8_best": msam_best,

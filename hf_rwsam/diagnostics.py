@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .sharpness.reweight import exact_sample_grad_norms
+from .sharpness.ghost import exact_sample_grad_norms
 
 
 def gradient_noise_trace(

@@ -12,7 +12,8 @@ Two estimators of ``n_i``:
 * ``fd`` (the paper's): ``n_i^2 = d * mean_q D_iq^2`` with ``D_iq = (l_i(x + h u_q) - l_i(x)) / h``,
   ``u_q = z_q / sqrt(d)`` and ``z_q`` Rademacher in ``{-1, +1}^d``. Since ``E[(z.g)^2] = ||g||^2``, this is unbiased
   for ``||grad l_i||^2`` as ``h -> 0``. Cost: one no-grad forward per probe.
-* ``exact``: true per-sample gradient norms from one batched backward (``is_grads_batched``), chunked.
+* ``exact``: true per-sample gradient norms from one backward and the layers' inputs and output gradients (`ghost`);
+  parameters no layer rule covers, and models whose BatchNorm couples the samples, by batched backward passes.
 
 Both differentiate the per-sample losses *as computed on the batch*: with BatchNorm in training mode, ``l_i``
 depends on the whole batch through its statistics, and both estimators see that dependence.
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .ghost import PerSampleGradients
 from .perturb import swapped_parameters
 from .state import RNGReplay, frozen_running_stats, running_stat_modules
 
@@ -193,42 +195,6 @@ def fd_norms(
     return (slopes.square().mean(0) * num_params).sqrt()
 
 
-def exact_sample_grad_norms(
-    losses: torch.Tensor, params: Sequence[torch.Tensor], chunk_size: int = 32, retain_graph: bool = True
-) -> torch.Tensor:
-    """Exact per-sample gradient norms ``||grad l_i(x)||`` by batched backward passes over one forward's graph.
-
-    Each chunk of ``c`` samples costs one vmapped backward (``torch.autograd.grad(..., is_grads_batched=True)``) and
-    ``c * d`` numbers of memory.
-
-    Args:
-        losses (`Tensor`): per-sample losses ``[b]`` with their autograd graph.
-        params (`Sequence[Tensor]`): the parameters to differentiate.
-        chunk_size (`int`): samples per batched backward.
-        retain_graph (`bool`): keep the graph for a later backward (the ascent gradient).
-
-    Returns:
-        `Tensor`: ``[b]``, fp32 (fp64 for fp64 losses).
-    """
-    b = losses.shape[0]
-    eye = torch.eye(b, dtype=losses.dtype, device=losses.device)
-    accumulate = torch.promote_types(torch.float32, losses.dtype)  # fp32, or fp64 for a double model
-    sq_norms = []
-    for start in range(0, b, chunk_size):
-        rows = eye[start : start + chunk_size]
-        last = start + chunk_size >= b
-        grads = torch.autograd.grad(
-            losses, list(params), grad_outputs=rows, is_grads_batched=True,
-            retain_graph=retain_graph or not last, allow_unused=True,
-        )
-        chunk_sq = torch.zeros(rows.shape[0], dtype=accumulate, device=losses.device)
-        for g in grads:
-            if g is not None:
-                chunk_sq += g.to(accumulate).reshape(rows.shape[0], -1).square().sum(dim=1)
-        sq_norms.append(chunk_sq)
-    return torch.cat(sq_norms).sqrt()
-
-
 def sample_grad_norms(
     model: nn.Module,
     inputs: dict,
@@ -264,9 +230,11 @@ def sample_grad_norms(
         raise ValueError(f"method={method!r} is not supported; choose 'fd' or 'exact'.")
     bn_modules = running_stat_modules(model)
     if method == "exact":
-        with frozen_running_stats(bn_modules):
+        b = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        per_sample = PerSampleGradients(model, params, b, chunk_size)
+        with frozen_running_stats(bn_modules), per_sample.recording():
             losses = loss_fn(model, inputs)
-        return exact_sample_grad_norms(losses, params, chunk_size, retain_graph=False)
+        return per_sample.norms(losses)
     rng = RNGReplay(device)
 
     def probe_losses():

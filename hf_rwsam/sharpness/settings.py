@@ -63,7 +63,9 @@ class SharpnessSettings:
         rwsam_lambda (`float`, defaults to `1.0`):
             Inverse temperature of the Gibbs weights `softmax(lambda * s)`; 0 is SAM.
         rwsam_estimator (`str`, defaults to `"fd"`):
-            Per-sample gradient norms by finite differences (`"fd"`, `rwsam_num_probes` extra forwards) or `"exact"`.
+            Per-sample gradient norms by finite differences (`"fd"`, `rwsam_num_probes` extra forwards) or `"exact"`
+            (one backward, and the weighted ascent gradient from the same pass; BatchNorm models: batched backward
+            passes, much slower).
         rwsam_num_probes (`int`, defaults to `1`):
             Rademacher probes `Q` of the `"fd"` estimator.
         rwsam_fd_step (`float`, *optional*):
@@ -76,7 +78,9 @@ class SharpnessSettings:
         rwsam_max_weight (`float`, *optional*):
             `c >= 1`: cap every weight at `c / b`.
         rwsam_exact_chunk_size (`int`, defaults to `32`):
-            Samples per batched backward of the `"exact"` estimator (memory grows as `chunk * d`).
+            The `"exact"` estimator takes per-sample norms from one backward through its layer rules
+            (`hf_rwsam.sharpness.ghost`); the parameters no rule covers, and models whose BatchNorm couples the
+            samples, take batched backward passes of this many samples each (memory grows as `chunk * d`).
     """
 
     sam_mode: str = field(default="rwsam", metadata={"help": f"Sharpness-aware mode, one of {SAM_MODES}."})
@@ -114,7 +118,8 @@ class SharpnessSettings:
         default=None, metadata={"help": "Cap every Gibbs weight at c / b (c >= 1)."}
     )
     rwsam_exact_chunk_size: int = field(
-        default=32, metadata={"help": "Samples per batched backward of the 'exact' estimator (>= 1)."}
+        default=32,
+        metadata={"help": "Samples per batched backward, for what the 'exact' estimator's layer rules do not cover (>= 1)."},
     )
 
     def __post_init__(self):

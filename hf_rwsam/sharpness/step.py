@@ -44,10 +44,10 @@ from ..losses import PER_SAMPLE_LOSS_EXAMPLE, PerSampleLossFunc, per_sample_loss
 from .host import TorchHost
 from .msam import batch_size, split_batch, vmap_msam_step
 from .perturb import perturbed, sam_perturbation
+from .ghost import PerSampleGradients
 from .reweight import (
     RademacherDirections,
     effective_sample_size,
-    exact_sample_grad_norms,
     fd_norms,
     fd_probe_losses,
     gibbs_weights,
@@ -122,6 +122,7 @@ class SharpnessAwareStep:
         self._msam_vmap_ok: bool | None = None  # decided on the first m-SAM step under "auto"
         self._warned_vmap_uncompiled = False
         self._warned_exact_uncompiled = False
+        self._warned_batched_norms = False
         self._step_index = (-1, 0)  # (global step, micro-step within it), seeds the probes
         self._calls = 0
         self._bn_cache: tuple[nn.Module | None, list] = (None, [])
@@ -192,12 +193,12 @@ class SharpnessAwareStep:
         # FSDP's ascent gradient is its own reduce-scatter (the global scope), so only DDP skips the gradient sync
         with contextlib.nullcontext() if params.sharded else self.host.no_sync(model):
             if reweight:
-                loss, losses, weights = self._rwsam_ascent(model, inputs, loss_fn, params, rng, bn_modules, noisy,
-                                                           reference_loss_fn)
-                objective = (weights * losses).sum()
+                loss, grads = self._rwsam_ascent(model, inputs, loss_fn, params, rng, bn_modules, noisy,
+                                                 reference_loss_fn)
             else:
-                loss = objective = loss_fn(model, inputs)
-            grads = self._ascent_gradient(objective, params, summed_over_processes=reweight)
+                loss = loss_fn(model, inputs)
+                grads = params.gradient(self._scaled(loss))
+            grads = self._ascent_gradient(grads, params, summed_over_processes=reweight)
         perturbation = sam_perturbation(params.tensors, grads, s.sam_rho, s.sam_adaptive, s.sam_adaptive_eta,
                                         norm_fn=params.norm)
         self._metrics.add("sam/ascent_grad_norm", perturbation.ascent_grad_norm)
@@ -213,17 +214,21 @@ class SharpnessAwareStep:
         return clean
 
     def _rwsam_ascent(self, model, inputs, loss_fn, params, rng, bn_modules, noisy, reference_loss_fn):
-        """RW-SAM's ascent pass: the loss at ``x``, its per-sample losses (with their graph) and their Gibbs weights
-        (this process's share of them, under the global scope)."""
+        """RW-SAM's ascent pass: the loss at ``x`` and ``grad sum_i p_i l_i`` (this process's share of it, times the
+        loss scale), with Gibbs weights ``p`` over per-sample gradient norms (fd probes, or exact norms)."""
         s = self.settings
-        if s.rwsam_estimator == "fd":
+        exact = s.rwsam_estimator == "exact"
+        if not exact:
             probe_losses = self._probe_function(model, inputs, loss_fn, rng, bn_modules)
             probes = fd_probe_losses(probe_losses, params.tensors, s.rwsam_num_probes, s.rwsam_fd_step,
                                      self._probe_generator(params.tensors[0].device), num_coordinates=params.numel,
                                      assign=params.assign, directions=self._directions)
             # Under mixed precision the slopes need an fp32 reference at x too; in fp32 the ascent's losses are it.
             fd_reference = probe_losses() if self.host.mixed_precision(model) else None
-        value, outputs = loss_fn(self._eager_for_exact_norms(model), inputs, return_outputs=True)
+        forward_model = self._eager_for_exact_norms(model)
+        per_sample = self._per_sample_gradients(forward_model, params, batch_size(inputs)) if exact else None
+        with per_sample.recording() if exact else contextlib.nullcontext():
+            value, outputs = loss_fn(forward_model, inputs, return_outputs=True)
         losses = self._per_sample_losses(outputs, inputs)
         del outputs
         if not losses.requires_grad:
@@ -234,24 +239,49 @@ class SharpnessAwareStep:
             )
         if not self._per_sample_losses_checked:
             self._check_per_sample_losses(model, inputs, losses, value, reference_loss_fn, rng, bn_modules)
-        if s.rwsam_estimator == "fd":
-            norms = fd_norms(probes, losses if fd_reference is None else fd_reference, params.numel, s.rwsam_fd_step)
+        if exact:
+            norms = per_sample.norms(losses, self._loss_scale())
         else:
-            norms = exact_sample_grad_norms(losses, params.params, s.rwsam_exact_chunk_size, retain_graph=True)
+            norms = fd_norms(probes, losses if fd_reference is None else fd_reference, params.numel, s.rwsam_fd_step)
         norms = self._gather_for_scope(norms)
         weights, lam = gibbs_weights(norms, s.rwsam_lambda, s.rwsam_normalize, s.rwsam_target_ess, s.rwsam_max_weight,
                                      return_lambda=True)
         self._log_weights(weights, lam, noisy)
-        return value, losses, self._local_slice(weights)
+        weights = self._local_slice(weights)
+        if exact:
+            return value, per_sample.weighted_gradient(weights)
+        return value, params.gradient(self._scaled((weights * losses).sum()))
+
+    def _per_sample_gradients(self, model, params, b) -> PerSampleGradients:
+        """The exact estimator's pass over `model`'s layers; says once which parameters it takes by batched backward."""
+        per_sample = PerSampleGradients(self.host.unwrap(model), params.params, b, self.settings.rwsam_exact_chunk_size)
+        if per_sample.batched and not self._warned_batched_norms:
+            if per_sample.coupled:
+                logger.warning(
+                    f"RW-SAM exact: BatchNorm layers normalise with the batch's statistics ({per_sample.coupled[:3]}"
+                    f"{' ...' if len(per_sample.coupled) > 3 else ''}), which couple the samples' gradients: every "
+                    "per-sample gradient is taken by batched backward passes (rwsam_exact_chunk_size samples each), "
+                    "many times a SAM step. rwsam_estimator='fd' is the fast estimator for such models."
+                )
+            else:
+                owners = sorted({type(m).__name__ for m in self.host.unwrap(model).modules()
+                                 for q in m.parameters(recurse=False) if any(q is p for p in per_sample.batched)})
+                logger.warning(
+                    f"RW-SAM exact: the parameters of {owners} (a layer without per-sample rules, shared parameters, "
+                    "or a layer called twice) take their per-sample gradients by batched backward passes, slower than "
+                    "the one backward the other layers need."
+                )
+            self._warned_batched_norms = True
+        return per_sample
 
     def _eager_for_exact_norms(self, model):
-        """The model for RW-SAM's ascent pass: with the exact estimator, a compiled model's eager module (its batched
-        backward passes reuse the graph, which compiled backward functions, donating their buffers, refuse)."""
+        """The model for RW-SAM's ascent pass: with the exact estimator, a compiled model's eager module (its layers'
+        hooks keep their inputs and output gradients, which compiled graphs do not expose)."""
         if self.settings.rwsam_estimator != "exact" or not hasattr(model, "_orig_mod"):
             return model
         if not self._warned_exact_uncompiled:
-            logger.warning("RW-SAM's exact estimator runs its ascent pass uncompiled (its batched backward passes reuse "
-                           "the graph); the 'fd' estimator and the descent run compiled.")
+            logger.warning("RW-SAM's exact estimator runs its ascent pass uncompiled (it reads every layer's inputs and "
+                           "output gradients); the 'fd' estimator and the descent run compiled.")
             self._warned_exact_uncompiled = True
         return model._orig_mod
 
@@ -351,24 +381,27 @@ class SharpnessAwareStep:
 
         return per_sample_losses
 
-    def _ascent_gradient(self, objective, params, summed_over_processes=False):
-        """``grad(objective)`` without touching ``.grad``; under fp16 on the scaled objective, then unscaled.
-
-        With the ``global`` scope the gradient is averaged (or, for RW-SAM's globally normalised weights, summed)
-        over processes. Under FSDP it is this process's shard of that gradient.
-        """
+    def _scaled(self, objective: torch.Tensor) -> torch.Tensor:
+        """Under fp16 the ascent gradient is taken on the scaled objective (`_ascent_gradient` unscales it)."""
         scaler = self.host.grad_scaler
-        if scaler is not None:
-            objective = scaler.scale(objective)
-        grads = params.gradient(objective)
+        return objective if scaler is None else scaler.scale(objective)
+
+    def _loss_scale(self) -> float:
+        scaler = self.host.grad_scaler
+        return 1.0 if scaler is None else float(scaler.get_scale())
+
+    def _ascent_gradient(self, grads, params, summed_over_processes=False):
+        """The ascent gradient of this step from this process's (scaled) gradient: unscaled, and with the ``global``
+        scope averaged (or, for RW-SAM's globally normalised weights, summed) over processes. Under FSDP it is this
+        process's shard of that gradient (FSDP's backward averaged it already)."""
         num_processes = self.host.num_processes
         if params.sharded:
             if summed_over_processes:
                 torch._foreach_mul_(grads, float(num_processes))
         elif self.settings.sam_perturbation_scope == "global" and num_processes > 1:
             grads = self.host.reduce(grads, "sum" if summed_over_processes else "mean")
-        if scaler is not None:
-            torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
+        if self.host.grad_scaler is not None:
+            torch._foreach_mul_(grads, 1.0 / self._loss_scale())
         return grads
 
     def _per_sample_losses(self, outputs, inputs) -> torch.Tensor:
