@@ -83,6 +83,15 @@ def token_batch(b=5):
     return {"ids": ids}, torch.randint(0, 4, (b,), generator=g)
 
 
+def tiny_vit():
+    """timm's ViT: its class token and position embedding are added to every sample (broadcast parameters)."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
+                             num_classes=5)
+
+
 def tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -100,7 +109,7 @@ def bert_batch(b=4):
     return {"input_ids": torch.randint(1, 50, (b, 9), generator=g), "attention_mask": mask}, torch.randint(0, 3, (b,), generator=g)
 
 
-def logits_of(outputs):
+def logits_of(outputs):  # a ModelOutput, or the logits of a timm model
     return outputs.logits if hasattr(outputs, "logits") else outputs
 
 
@@ -136,6 +145,7 @@ MODELS = {
     "ghost_forms": (WideLayersOnFewPositions, conv_batch, True),
     "embedding_layernorm": (EmbeddingLayerNorm, token_batch, True),
     "tiny_bert": (tiny_bert, bert_batch, False),
+    "timm_vit": (tiny_vit, conv_batch, True),
 }
 
 

@@ -13,8 +13,9 @@ gradient ``sum_i p_i grad l_i`` then comes from the same pairs, scaling ``g_i`` 
 Layers: `nn.Linear` (and transformers' ``Conv1D``) on inputs of any rank (attention goes through its linear layers),
 `nn.Conv1d` / `nn.Conv2d` (unfolded; groups, stride, dilation, padding modes), `nn.Embedding` (repeated ids, padding
 index, position ids broadcast over the batch), `nn.LayerNorm`, `nn.GroupNorm`, `nn.RMSNorm` and BatchNorm in eval mode
-(per-sample affine). Any other parameter (its module unknown, or overriding ``forward``; shared by two layers, or a
-layer called twice) gets today's estimator: per-sample gradients by batched backward passes, and its share of the
+(per-sample affine). Parameters broadcast over the batch (timm's ViT class token and position embedding) are given one
+copy per sample while recording, so their gradient comes per sample. Any other parameter (its module unknown, or
+overriding ``forward``; shared by two layers, or a layer called twice) gets today's estimator: per-sample gradients by batched backward passes, and its share of the
 weighted gradient by one more backward; one warning names them.
 
 BatchNorm in training mode couples the samples through the batch statistics: a sample's gradient then runs through
@@ -215,6 +216,17 @@ _SAME_FORWARD = {("timm.layers.norm", "GroupNorm"), ("timm.layers.norm", "LayerN
 """Subclasses that override ``forward`` with the very same computation (timm's, to call a fused kernel)."""
 
 
+_BROADCAST = {"cls_token", "reg_token", "dist_token", "pos_embed"}
+"""timm's vision transformers' parameters added or concatenated to every sample (shape ``[1, ...]``)."""
+
+
+def _broadcast_over_batch(module: nn.Module, name: str, p: nn.Parameter) -> bool:
+    """Whether `module` uses `p` broadcast over the batch, as a leading dimension of one (timm's ViTs, unless their
+    position embedding is resampled per input size)."""
+    return (type(module).__module__.startswith("timm.models.") and name in _BROADCAST and p.dim() >= 2
+            and p.shape[0] == 1 and not getattr(module, "dynamic_img_size", False))
+
+
 def _rule(m: nn.Module):
     """The per-layer maths for `m`, or None (unknown, or its forward overridden)."""
     if _is_hf_conv1d(m):
@@ -270,9 +282,18 @@ class PerSampleGradients:
         shared = {i for i, mods in owners.items() if len(mods) > 1}
         hooked = {id(m) for m, _ in self.layers}
         self.by_layers = [p for p in params if id(p) not in shared and id(owners[id(p)][0]) in hooked]
+        # Parameters broadcast over the batch (ViT's class token and position embedding): given one copy per sample
+        # while recording, their gradient is per sample already
+        self._broadcast = [] if self.coupled or batch_size == 1 else [
+            (module, name, p) for module in model.modules() for name, p in module.named_parameters(recurse=False)
+            if id(p) in wanted and id(p) not in shared and _broadcast_over_batch(module, name, p)
+        ]
+        self.by_layers += [p for _, _, p in self._broadcast]
         self._layer_params = {id(p) for p in self.by_layers}
         self._rules = {id(m): rule for m, rule in self.layers}
         self._calls: list[list] = []  # [module, rule, input, output gradient]
+        self._copies: list[tuple[nn.Parameter, torch.Tensor]] = []  # broadcast parameters and their per-sample copies
+        self._copy_grads: list[torch.Tensor] = []
         self._open = False
 
     def _counted(self, param) -> bool:
@@ -286,17 +307,25 @@ class PerSampleGradients:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
-        """Keeps each known layer's input during the forward, and its output gradient during `norms`' backward."""
+        """Keeps each known layer's input during the forward, and its output gradient during `norms`' backward;
+        parameters broadcast over the batch are one leaf copy per sample meanwhile."""
         handles = []
         for module, rule in self.layers:
             handles.append(module.register_forward_hook(self._keep, with_kwargs=False))
             if rule is _Embedding:
                 handles.append(module.register_forward_pre_hook(self._per_sample_ids))
+        self._copies = []
+        for module, name, p in self._broadcast:
+            copy = p.detach().expand(self.b, *p.shape[1:]).clone().requires_grad_(True)
+            module._parameters[name] = copy
+            self._copies.append((p, copy))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            for module, name, p in self._broadcast:
+                module._parameters[name] = p
         self._unhook_reused_layers()
 
     def _per_sample_ids(self, module, args):
@@ -333,16 +362,21 @@ class PerSampleGradients:
         `weighted_gradient`, which returns ``scale`` times the gradient."""
         b = self.b
         sq = torch.zeros(b, dtype=torch.promote_types(torch.float32, losses.dtype), device=losses.device)
-        if self._calls:
+        if self._calls or self._copies:
             self._open = True  # the output gradients of this backward only (not of the batched ones after it)
+            copies = [copy for _, copy in self._copies]
             try:
-                torch.autograd.grad(losses.sum() * scale, self.params, retain_graph=True, allow_unused=True)
+                copy_grads = torch.autograd.grad(losses.sum() * scale, [*copies, *self.params], retain_graph=True,
+                                                 allow_unused=True)[: len(copies)]
             finally:
                 self._open = False
             include = self._counted
             for module, rule, inputs, grad in self._calls:
                 if grad is not None:
                     sq += rule.sq_norms(module, inputs, grad, b, include)
+            self._copy_grads = [torch.zeros_like(c) if g is None else g for c, g in zip(copies, copy_grads)]
+            for g in self._copy_grads:
+                sq += _fp(g).flatten(1).square().sum(1)
             sq /= scale * scale
         batched = self.batched
         if batched:
@@ -361,12 +395,14 @@ class PerSampleGradients:
             for param, value in rule.weighted(module, inputs, grad, p):
                 if id(param) in self._layer_params:
                     grads[id(param)] = value.to(param.dtype)
+        for (param, _), grad in zip(self._copies, getattr(self, "_copy_grads", [])):
+            grads[id(param)] = (_weighted(_fp(grad), p).sum(0, keepdim=True)).to(param.dtype)
         batched = self.batched
         if batched:
             objective = (p * self._losses).sum() * self._scale
             for q, g in zip(batched, torch.autograd.grad(objective, batched, allow_unused=True, materialize_grads=True)):
                 grads[id(q)] = g
-        self._calls, self._losses = [], None
+        self._calls, self._losses, self._copies, self._copy_grads = [], None, [], []
         return [grads[id(q)] if id(q) in grads else torch.zeros_like(q) for q in self.params]
 
 
