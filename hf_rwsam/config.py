@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from transformers import TrainingArguments
 
 from .sharpness.settings import SharpnessSettings
+from .sharpness.sharding import sharded_step_problems
 
 
 FSDP_SUPPORTED = (
@@ -37,16 +38,7 @@ def fsdp_problems(args, fsdp_version: int, cpu_offload: bool = False, parallelis
             f"parallelism_config with {sizes} (only dp_shard: replicated shards (HSDP) or tensor/context parallel "
             "groups would enter the norm more than once)"
         )
-    if args.sam_perturbation_scope != "global":
-        problems.append(
-            f"sam_perturbation_scope={args.sam_perturbation_scope!r} (each process holds only a shard of every "
-            "parameter, so the perturbation is the global one: set sam_perturbation_scope='global')"
-        )
-    if args.sam_mode == "msam":
-        problems.append("sam_mode='msam' (per-group perturbations of sharded parameters; RW-SAM mimics m-SAM)")
-    if args.sam_mode == "rwsam" and args.rwsam_estimator == "exact":
-        problems.append("rwsam_estimator='exact' (its batched backward needs whole parameters)")
-    return problems
+    return problems + sharded_step_problems(args)
 
 
 def check_training_arguments(args) -> None:

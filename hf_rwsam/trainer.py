@@ -81,7 +81,7 @@ class SharpnessAwareMixin:
             per_sample_loss,
             problem_type=getattr(getattr(unwrapped, "config", None), "problem_type", None),
             label_smoothing=self.args.label_smoothing_factor,
-            shift_labels=unwrapped._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values(),
+            shift_labels=self._loss_shifts_tokens(unwrapped),
         )
         self.sharpness_step = SharpnessAwareStep(
             self.args, AccelerateHost(self.accelerator), per_sample_loss_func=per_sample_loss_func,
@@ -89,6 +89,16 @@ class SharpnessAwareMixin:
             seed=self.args.seed,
         )
         self._recorded_losses: list[torch.Tensor] | None = None
+        self._descent_share = 1  # m-SAM: the descent's loss divided by it when the Trainer would not
+        self._loss_counts_items: bool | None = None  # whether compute_loss divides by num_items_in_batch
+        self._sharpness_sum, self._sharpness_steps = 0.0, set()
+
+    def _loss_shifts_tokens(self, unwrapped) -> bool:
+        """Whether the loss predicts token t + 1 at position t: a causal LM (its class or a parent's, also under a PEFT
+        wrapper), or a loss the Trainer found to be ``ForCausalLMLoss``."""
+        model = getattr(getattr(unwrapped, "base_model", None), "model", unwrapped)  # PEFT: the wrapped model
+        names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        return any(cls.__name__ in names for cls in type(model).__mro__) or bool(getattr(self, "_loss_shifts_labels", False))
 
     def _check_backend(self, per_sample_loss_func) -> None:
         """What the step cannot do with this trainer's backend and objective, refused by name at construction."""
@@ -143,7 +153,7 @@ class SharpnessAwareMixin:
         last = len(self.train_dataset) % args.per_device_train_batch_size
         if last % args.msam_micro_batch_size:
             raise ValueError(
-                f"RWSAMConfig.msam_micro_batch_size={args.msam_micro_batch_size} does not divide the last batch "
+                f"{type(args).__name__}.msam_micro_batch_size={args.msam_micro_batch_size} does not divide the last batch "
                 f"({len(self.train_dataset)} samples in batches of {args.per_device_train_batch_size} leave {last}); "
                 "set dataloader_drop_last=True (it drops the last evaluation batch too) or use a training set whose "
                 "size is a multiple of the batch size."
@@ -175,9 +185,13 @@ class SharpnessAwareMixin:
         )
         # The clean loss in the units the Trainer logs: it returned c * L(x + e) where compute_loss gave L(x + e).
         reported_total, perturbed_mean = sum(reported), torch.stack(perturbed).mean()
-        factor = torch.where(perturbed_mean != 0, reported_total / perturbed_mean,
-                             1.0 / self.current_gradient_accumulation_steps)
-        return (clean * factor).detach()
+        usable = (perturbed_mean != 0) & torch.isfinite(perturbed_mean) & torch.isfinite(reported_total)
+        factor = torch.where(usable, reported_total / perturbed_mean, 1.0 / self.current_gradient_accumulation_steps)
+        clean = (clean * factor).detach()
+        # Sharpness in those units too: summed over the accumulation window and averaged over steps, as the loss is
+        self._sharpness_sum = self._sharpness_sum + (reported_total.detach() - clean)
+        self._sharpness_steps.add(self.state.global_step)
+        return clean
 
     def _objective(self, num_items_in_batch):
         """The trainer's `compute_loss` as the step's ``loss_fn``, leaving no side effects behind."""
@@ -191,7 +205,8 @@ class SharpnessAwareMixin:
 
     def _descent(self, model, num_items_in_batch, reported, perturbed, inputs, share, loss=None) -> torch.Tensor:
         """The trainer's own training step at the perturbed weights, counting for ``1 / share`` of the step; or, for
-        the vmap m-SAM's `loss` (computed already), its backward scaled as the trainer scales an unnormalised loss."""
+        the vmap m-SAM's `loss` (computed already: a mean, the vmap runs only without num_items_in_batch), its
+        backward scaled as the trainer scales such a loss."""
         if loss is not None:
             scaled = loss / self.current_gradient_accumulation_steps
             self.accelerator.backward(scaled)
@@ -199,6 +214,11 @@ class SharpnessAwareMixin:
             perturbed.append(loss.detach())
             return loss.detach()
         steps = self.current_gradient_accumulation_steps
+        # A loss the Trainer takes as normalised over the accumulation window is not divided by its steps: an m-SAM
+        # group's share then comes from num_items_in_batch if the loss divides by it, else from dividing by `share`
+        if share > 1 and self._scaled_for_accumulation(num_items_in_batch) and \
+                not self._counts_items(model, inputs, num_items_in_batch):
+            self._descent_share = share
         self.current_gradient_accumulation_steps = steps * share
         self._recorded_losses = []
         try:
@@ -206,14 +226,41 @@ class SharpnessAwareMixin:
             perturbed.append(self._recorded_losses[-1])
         finally:
             self.current_gradient_accumulation_steps = steps
-            self._recorded_losses = None
+            self._recorded_losses, self._descent_share = None, 1
         return perturbed[-1]
 
+    def _scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """The Trainer's rule: does it leave the loss undivided by the accumulation steps (`training_step`)?"""
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    @torch.no_grad()
+    def _counts_items(self, model, inputs, num_items_in_batch) -> bool:
+        """Whether `compute_loss` divides by `num_items_in_batch` (a sum over the accumulation window's items) or
+        returns a mean regardless (regression heads, models that take but ignore it): found once, by doubling it."""
+        if self._loss_counts_items is None:
+            if num_items_in_batch is None:
+                return False
+            was_training = model.training
+            model.eval()  # no dropout, no statistics: the two evaluations differ only by num_items_in_batch
+            try:
+                once, twice = (self._objective(n)(model, inputs) for n in (num_items_in_batch, 2 * num_items_in_batch))
+            finally:
+                model.train(was_training)
+            self._loss_counts_items = bool(torch.isclose(once.float(), 2 * twice.float(), rtol=1e-3))
+        return self._loss_counts_items
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The trainer's loss; during the descent its value is kept, to report the clean loss in the same units."""
+        """The trainer's loss; during the descent its value is kept (to report the clean loss in the same units), and
+        divided by an m-SAM group's share where the Trainer would not divide it."""
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if self._recorded_losses is not None:
-            self._recorded_losses.append((result[0] if return_outputs else result).detach())
+            loss = result[0] if return_outputs else result
+            self._recorded_losses.append(loss.detach())
+            if self._descent_share != 1:
+                loss = loss / self._descent_share
+                result = (loss, result[1]) if return_outputs else loss
         return result
 
     @contextlib.contextmanager
@@ -229,8 +276,12 @@ class SharpnessAwareMixin:
         """Adds the step's diagnostics to training logs, each averaged over the steps since the previous log and over
         processes (so ``sam/skipped_perturbations`` is the fraction of perturbations skipped in that interval)."""
         if "loss" in logs and self.args.sam_mode != "none":
-            for name, value in self.sharpness_step.pop_metrics().items():
-                logs[name] = self.accelerator.reduce(value.to(self.args.device), reduction="mean").item()
+            metrics = self.sharpness_step.pop_metrics()
+            if self._sharpness_steps:  # the glue's, in the Trainer's loss units (the step's are loss_fn's)
+                metrics["sam/sharpness"] = torch.as_tensor(self._sharpness_sum / len(self._sharpness_steps))
+                self._sharpness_sum, self._sharpness_steps = 0.0, set()
+            for name, value in metrics.items():
+                logs[name] = self.accelerator.reduce(value.to(self.args.device).float(), reduction="mean").item()
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ the noise column never reaches the model

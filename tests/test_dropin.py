@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from hf_rwsam import RWSAMTrainer
 
-from utils import TinyMLP, flat_params, make_tensors, relative_error, sgd_config, tensor_dataset
+from utils import SequentialTrainer, TinyMLP, flat_params, make_tensors, relative_error, sgd_config, tensor_dataset
 
 
 class NumpyNoiseMLP(TinyMLP):
@@ -106,3 +106,77 @@ def test_msam_auto_falls_back_to_the_loop_for_a_forward_that_reassigns_a_buffer(
     assert (tmp_path / "auto" / "checkpoint-2" / "model.safetensors").exists()
     with pytest.raises(ValueError, match=r"msam_implementation='vmap'.*BufferAssigningMLP.*buffers \['calls'\]"):
         _train(BufferAssigningMLP(), tmp_path / "vmap", x, y, msam_implementation="vmap", **settings)
+
+
+class ItemCountingMLP(TinyMLP):
+    """Takes the Trainer's loss kwargs and divides its summed loss by num_items_in_batch (as transformers' heads do)."""
+
+    def forward(self, x, labels=None, num_items_in_batch=None, **kwargs):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = (F.cross_entropy(logits, labels, reduction="sum") / num_items_in_batch
+                           if num_items_in_batch is not None else F.cross_entropy(logits, labels))
+        return out
+
+
+class MeanWithKwargsMLP(TinyMLP):
+    """Takes the Trainer's loss kwargs but returns a mean regardless (transformers' regression and multi-label
+    heads do so): the Trainer leaves it undivided by the accumulation steps."""
+
+    def forward(self, x, labels=None, **kwargs):
+        return super().forward(x, labels)
+
+
+@pytest.mark.parametrize("model_cls", [TinyMLP, ItemCountingMLP, MeanWithKwargsMLP])
+def test_msam_at_rho_zero_is_the_plain_step_whatever_the_loss_normalisation(tmp_path, model_cls):
+    """m-SAM's k groups at rho = 0 are the micro-batch's plain gradient, split: the same update as sam_mode='none',
+    whether the loss is a mean the Trainer divides by the accumulation steps, one that divides by num_items_in_batch,
+    or a mean the Trainer takes as already normalised (there each group must count 1/k: it counted k times before)."""
+    x, y = make_tensors(16)
+    settings = dict(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    model = model_cls()
+    plain = _train(copy.deepcopy(model), tmp_path / "none", x, y, sam_mode="none", **settings)
+    msam = _train(copy.deepcopy(model), tmp_path / "msam", x, y, sam_mode="msam", msam_micro_batch_size=2, sam_rho=0.0,
+                  msam_implementation="loop", **settings)
+    assert relative_error(flat_params(msam.model), flat_params(plain.model)) <= 1e-6
+    assert not torch.equal(flat_params(plain.model), flat_params(model))
+    losses = [h["loss"] for h in msam.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert losses == pytest.approx([h["loss"] for h in plain.state.log_history if "loss" in h and
+                                    "train_runtime" not in h], rel=1e-5)
+
+
+def test_sharpness_is_logged_in_the_trainers_loss_units(tmp_path):
+    """The same objective, normalised by num_items_in_batch over the accumulation window or as a per-micro-batch
+    mean: the logged loss and sam/sharpness agree (the latter used to shrink by the accumulation steps)."""
+    x, y = make_tensors(16)
+    settings = dict(sam_mode="sam", sam_rho=0.5, max_steps=1, gradient_accumulation_steps=4,
+                    per_device_train_batch_size=4, learning_rate=0.0)
+    logs = {}
+    for model_cls in (TinyMLP, ItemCountingMLP):
+        torch.manual_seed(0)
+        trainer = SequentialTrainer(model=model_cls(), args=sgd_config(tmp_path / model_cls.__name__, **settings),
+                                    train_dataset=tensor_dataset(x, y))
+        trainer.train()
+        logs[model_cls] = next(h for h in trainer.state.log_history if "sam/sharpness" in h)
+    for key in ("loss", "sam/sharpness"):
+        assert logs[ItemCountingMLP][key] == pytest.approx(logs[TinyMLP][key], rel=1e-5), key
+    assert logs[TinyMLP]["sam/sharpness"] > 0
+
+
+def test_a_causal_lm_subclass_shifts_its_labels(tmp_path):
+    """The per-sample rule shifts labels for causal LMs known by a parent class too (a subclass, a PEFT wrapper)."""
+    from transformers import GPT2LMHeadModel
+
+    from test_objective import tiny_gpt2, token_dataset
+
+    class MyLM(GPT2LMHeadModel):
+        pass
+
+    torch.manual_seed(0)
+    model = MyLM(tiny_gpt2().config)
+    trainer = RWSAMTrainer(model=model, args=sgd_config(tmp_path, sam_mode="rwsam", max_steps=2,
+                                                        per_device_train_batch_size=4), train_dataset=token_dataset())
+    trainer.train()  # the first step checks the per-sample losses against the model's own (shifted) loss
+    assert trainer.state.global_step == 2

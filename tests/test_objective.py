@@ -152,29 +152,46 @@ def test_sam_ascends_along_the_trainers_own_loss(tmp_path, name, adaptive):
     assert relative_error(ours, elsewhere) > 100 * TOL
 
 
-def test_msam_groups_ascend_along_compute_loss_func(tmp_path):
-    """m-SAM (loop): each group's perturbation comes from the weighted loss of that group."""
+def weighted_ce_over_items(outputs, labels, num_items_in_batch=None):
+    """The same weighted loss written as transformers asks of a compute_loss_func: a sum over the accumulation
+    window's items, divided by their number (each micro-batch, or m-SAM group, then brings its share)."""
+    losses = F.cross_entropy(model_logits(outputs), labels, reduction="none") * CLASS_WEIGHTS[labels]
+    return losses.sum() / (num_items_in_batch if num_items_in_batch is not None else len(labels))
+
+
+@pytest.mark.parametrize("counts_items", [False, True], ids=["mean_loss", "sum_over_items"])
+def test_msam_groups_ascend_along_compute_loss_func(tmp_path, counts_items):
+    """m-SAM (loop): each group's perturbation comes from the user's loss on that group, and the step's gradient is
+    the micro-batch's: the groups' mean when the loss is a mean (which the Trainer does not divide by the
+    accumulation steps once compute_loss_func is set), their sum when the loss divides by num_items_in_batch."""
     b, m = 8, 4
+    k = b // m
     x, y = make_tensors(n=b, seed=2)
     model = _model()
+    loss_func = weighted_ce_over_items if counts_items else weighted_ce
     trainer = _train(copy.deepcopy(model), x, y, tmp_path, trainer_cls=SequentialTrainer,  # groups in dataset order
-                     trainer_kwargs={"compute_loss_func": weighted_ce}, sam_mode="msam", msam_micro_batch_size=m, msam_implementation="loop", sam_rho=0.3)
+                     trainer_kwargs={"compute_loss_func": loss_func}, sam_mode="msam", msam_micro_batch_size=m,
+                     msam_implementation="loop", sam_rho=0.3)
 
-    def reference(objective):
+    def group_loss(model, xg, yg):
+        if counts_items:  # the group's share of the sum over the micro-batch's b items
+            return (F.cross_entropy(model(xg)["logits"], yg, reduction="none") * CLASS_WEIGHTS[yg]).sum() / b
+        return _weighted(model, xg, yg) / k  # the group's mean, one k-th of the step
+
+    def reference(loss_of_group):
         ref = copy.deepcopy(model).train()
         params = list(ref.parameters())
         for _ in range(STEPS):
             total = [torch.zeros_like(p) for p in params]
-            for j in range(b // m):
+            for j in range(k):
                 xg, yg = x[j * m : (j + 1) * m], y[j * m : (j + 1) * m]
-                g = torch.autograd.grad(objective(ref, xg, yg), params)
+                g = torch.autograd.grad(loss_of_group(ref, xg, yg), params)
                 norm = torch.sqrt(sum(gi.square().sum() for gi in g))
                 saved = [p.detach().clone() for p in params]
                 with torch.no_grad():
                     for p, gi in zip(params, g):
                         p.add_(0.3 * gi / norm)
-                # the Trainer's descent with compute_loss_func: the group's loss, accumulated over the groups
-                descent = torch.autograd.grad(objective(ref, xg, yg), params)
+                descent = torch.autograd.grad(loss_of_group(ref, xg, yg), params)
                 with torch.no_grad():
                     for p, p0, t, d in zip(params, saved, total, descent):
                         p.copy_(p0)
@@ -185,8 +202,12 @@ def test_msam_groups_ascend_along_compute_loss_func(tmp_path):
         return flat_params(ref)
 
     ours = flat_params(trainer.model)
-    assert relative_error(ours, reference(_weighted)) <= TOL
-    assert relative_error(ours, reference(_plain)) > 100 * TOL
+    assert relative_error(ours, reference(group_loss)) <= TOL
+    assert relative_error(ours, reference(lambda mdl, xg, yg: _plain(mdl, xg, yg) / k)) > 100 * TOL
+    # the other normalisation (k times the step, or 1/k of it) is far away too
+    other = (lambda mdl, xg, yg: group_loss(mdl, xg, yg) * k) if not counts_items else \
+        (lambda mdl, xg, yg: group_loss(mdl, xg, yg) / k)
+    assert relative_error(ours, reference(other)) > 100 * TOL
 
 
 def reference_rwsam(model, x, y, per_sample, loss, steps=STEPS, rho=0.1, lam=2.0):

@@ -152,3 +152,79 @@ def test_default_descent_scales_by_the_share_and_backpropagates_the_scaled_loss_
     for p, q in zip(plain.parameters(), scaled.parameters()):
         torch.testing.assert_close(q.grad, 1024.0 * p.grad, rtol=1e-6, atol=1e-7)
 
+
+
+def test_sharded_parameters_refuse_what_a_sharded_step_cannot_do():
+    """On FSDP2 shards (here a host that says so) the device scope, m-SAM and the exact estimator are refused by
+    name, in a plain loop as in the Trainer."""
+
+    class ShardedHost(TorchHost):
+        def parameters(self, model):
+            params = super().parameters(model)
+            params.sharded = True
+            return params
+
+    x, y = make_tensors(8)
+    step = SharpnessAwareStep(SharpnessSettings(sam_mode="sam"), ShardedHost())
+    with pytest.raises(ValueError, match=r"on FSDP2 shards: sam_perturbation_scope='device'"):
+        step(_model(), {"x": x, "labels": y}, loss_fn)
+
+
+def test_batchnorm_layers_are_found_again_every_step_and_keep_their_own_setting():
+    """A BatchNorm layer swapped in after the first step moves its running statistics once per step (the layers are
+    not cached), and one whose user turned track_running_stats off keeps it off."""
+    torch.manual_seed(0)
+    model = TinyMLP(batch_norm=True)
+    x, y = make_tensors(8)
+    step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam", rwsam_num_probes=2))
+    step(model, {"x": x, "labels": y}, loss_fn)
+    model.net[1] = torch.nn.BatchNorm1d(12)
+    step(model, {"x": x, "labels": y}, loss_fn)
+    assert int(model.net[1].num_batches_tracked) == 1
+    model.net[1].track_running_stats = False
+    step(model, {"x": x, "labels": y}, loss_fn)
+    assert model.net[1].track_running_stats is False
+
+
+def test_channels_last_weights_keep_their_memory_format_in_probes_and_descent():
+    conv = torch.nn.Conv2d(1, 4, 3).to(memory_format=torch.channels_last)
+    formats = []
+    conv.register_forward_pre_hook(lambda m, a: formats.append(m.weight.is_contiguous(memory_format=torch.channels_last)))
+    head = torch.nn.Linear(4, 3)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = conv, head
+
+        def forward(self, x, labels=None):
+            logits = self.head(self.conv(x).mean((2, 3)))
+            return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam", rwsam_num_probes=2))(Net(), {"x": x, "labels": y}, loss_fn)
+    assert formats == [True] * 4, formats  # 2 probes, the ascent, the descent
+    assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_vmap_msam_refuses_a_grad_scaler_and_auto_uses_the_loop():
+    x, y = make_tensors(8)
+    scaler = torch.amp.GradScaler("cpu")
+    settings = dict(sam_mode="msam", msam_micro_batch_size=2)
+    with pytest.raises(ValueError, match=r"msam_implementation='vmap'.*loss scale.*'loop' or 'auto'"):
+        SharpnessAwareStep(SharpnessSettings(**settings, msam_implementation="vmap"), TorchHost(scaler))(
+            _model(), {"x": x, "labels": y}, loss_fn)
+    auto = SharpnessAwareStep(SharpnessSettings(**settings), TorchHost(scaler))
+    auto(_model(), {"x": x, "labels": y}, loss_fn)
+    assert auto._msam_vmap_ok is None  # never tried: the loop ran
+
+
+def test_unwrap_looks_through_ddp_and_compile_only():
+    class HasModuleAttribute(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = torch.nn.Linear(2, 2)
+
+    model = HasModuleAttribute()
+    assert TorchHost().unwrap(model) is model
+    assert TorchHost().unwrap(torch.compile(model)) is model

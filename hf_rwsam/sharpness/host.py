@@ -84,9 +84,13 @@ class TorchHost:
         return out
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        """The model under DDP's and ``torch.compile``'s wrappers."""
-        while isinstance(getattr(model, "module", None), nn.Module) or isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = getattr(model, "module", None) or model._orig_mod
+        """The model under DDP's and ``torch.compile``'s wrappers (and only theirs: a submodule of the user's model
+        called ``module`` stays where it is)."""
+        from torch._dynamo.eval_frame import OptimizedModule
+        from torch.nn.parallel import DistributedDataParallel
+
+        while isinstance(model, (DistributedDataParallel, OptimizedModule)):
+            model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
         return model
 
     def mixed_precision(self, model: nn.Module) -> bool:

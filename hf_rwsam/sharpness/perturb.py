@@ -34,9 +34,22 @@ class Perturbation:
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The fp32 2-norm of all `tensors` taken as one vector."""
+    """The fp32 2-norm of all `tensors` taken as one vector (on the first tensor's device)."""
     norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
+    if len({n.device for n in norms}) > 1:  # a model spread over several devices
+        norms = [n.to(norms[0].device) for n in norms]
     return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _scale_(tensors: list[torch.Tensor], factor: torch.Tensor) -> None:
+    """``t *= factor`` for every tensor, `factor` a 0-dim tensor (copied to each device the tensors are on)."""
+    devices = {t.device for t in tensors}
+    if len(devices) == 1:
+        torch._foreach_mul_(tensors, factor.to(device=tensors[0].device, dtype=tensors[0].dtype))
+        return
+    for device in devices:
+        group = [t for t in tensors if t.device == device]
+        torch._foreach_mul_(group, factor.to(device=device, dtype=group[0].dtype))
 
 
 @torch.no_grad()
@@ -74,7 +87,7 @@ def sam_perturbation(
     else:
         if adaptive:
             torch._foreach_mul_(grads, scale)  # T^2 g
-        torch._foreach_mul_(grads, (rho / norm).to(grads[0].dtype))
+        _scale_(grads, rho / norm)
     return Perturbation(e=grads, ascent_grad_norm=norm, skipped=skipped)
 
 

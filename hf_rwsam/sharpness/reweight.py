@@ -59,6 +59,14 @@ _FLOAT32_SIGN = -(2**31)  # int32 with only bit 31 set
 _FLOAT32_ONE = 0x3F800000  # the bits of 1.0f
 
 
+def _laid_out_like(chunk: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`chunk` (``p.numel()`` numbers) seen with `p`'s shape and strides (channels-last weights stay channels-last, so
+    the forward and the gradient keep their memory format)."""
+    if p.is_contiguous() or not p.is_non_overlapping_and_dense():
+        return chunk.view(p.shape)
+    return chunk.as_strided(p.shape, p.stride())
+
+
 class _SignGroup:
     """The parameters of one (device, dtype), their buffers, and the buffers' views shaped like them."""
 
@@ -72,7 +80,7 @@ class _SignGroup:
         self.bits = torch.empty((num_words, 32), dtype=torch.int32, device=device)
         self.signs = self.bits.view(torch.float32).view(-1)  # +-1.0 once the bits are set
         self.values = self.signs[:n] if dtype == torch.float32 else torch.empty(n, dtype=dtype, device=device)
-        self.views = [v.view_as(p) for v, p in zip(self.values.split([p.numel() for p in params]), params)]
+        self.views = [_laid_out_like(v, p) for v, p in zip(self.values.split([p.numel() for p in params]), params)]
 
 
 class RademacherDirections:

@@ -22,6 +22,25 @@ except ImportError:  # a torch built without distributed support has no sharded 
     DTensor = ()
 
 
+def sharded_step_problems(settings) -> list[str]:
+    """What a step on FSDP2 shards cannot do with these `SharpnessSettings`; empty when all is fine.
+
+    Each process holds a shard of every parameter, so the only perturbation there is is the global one, and anything
+    that needs whole parameters on one process (m-SAM's groups, the exact estimator's layer rules) is out.
+    """
+    problems = []
+    if settings.sam_perturbation_scope != "global":
+        problems.append(
+            f"sam_perturbation_scope={settings.sam_perturbation_scope!r} (each process holds only a shard of every "
+            "parameter, so the perturbation is the global one: set sam_perturbation_scope='global')"
+        )
+    if settings.sam_mode == "msam":
+        problems.append("sam_mode='msam' (per-group perturbations of sharded parameters; RW-SAM mimics m-SAM)")
+    if settings.sam_mode == "rwsam" and settings.rwsam_estimator == "exact":
+        problems.append("rwsam_estimator='exact' (its per-sample gradients need whole parameters)")
+    return problems
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

@@ -31,22 +31,25 @@ def running_stat_modules(model: nn.Module) -> list[_NormBase]:
 
 @contextlib.contextmanager
 def frozen_running_stats(modules: list[_NormBase]) -> Iterator[None]:
-    """Normalise with batch statistics without updating running statistics (train-mode forward, stats frozen)."""
+    """Normalise with batch statistics without updating running statistics (train-mode forward, stats frozen); each
+    layer's own setting is put back afterwards."""
+    kept = [module.track_running_stats for module in modules]
     for module in modules:
         module.track_running_stats = False
     try:
         yield
     finally:
-        for module in modules:
-            module.track_running_stats = True
+        for module, value in zip(modules, kept):
+            module.track_running_stats = value
 
 
 class RNGReplay:
-    """Captures the RNG state of the CPU and of the accelerator a model lives on (and Python's and NumPy's), and
+    """Captures the RNG state of the CPU and of the accelerators a model lives on (and Python's and NumPy's), and
     replays it on demand.
 
     Args:
-        device (`torch.device`): the device whose generator the model's random ops use besides the CPU's.
+        devices (`torch.device` or a collection of them): the devices whose generators the model's random ops use
+            besides the CPU's (a model spread over several GPUs: all of them).
 
     Usage::
 
@@ -56,11 +59,12 @@ class RNGReplay:
             descent()
     """
 
-    def __init__(self, device: torch.device):
-        self.device_type = device.type if device.type not in ("cpu", "meta") else None
-        self.devices = [device] if self.device_type is not None else []
+    def __init__(self, devices):
+        devices = [devices] if isinstance(devices, torch.device) else list(devices)
+        self.devices = sorted({d for d in devices if d.type not in ("cpu", "meta")}, key=str)
+        self.device_type = self.devices[0].type if self.devices else None
         self.cpu_state = torch.get_rng_state()
-        self.device_state = self._device_module().get_rng_state(device) if self.device_type else None
+        self.device_states = [self._device_module().get_rng_state(d) for d in self.devices]
         # Python's and NumPy's generators too, as the Trainer seeds them (a model may draw its noise there)
         self.python_state = random.getstate()
         self.numpy_state = np.random.get_state()
@@ -73,8 +77,8 @@ class RNGReplay:
         python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=self.devices, device_type=self.device_type or "cuda"):
             torch.set_rng_state(self.cpu_state)
-            if self.device_type:
-                self._device_module().set_rng_state(self.device_state, self.devices[0])
+            for device, state in zip(self.devices, self.device_states):
+                self._device_module().set_rng_state(state, device)
             random.setstate(self.python_state)
             np.random.set_state(self.numpy_state)
             try:

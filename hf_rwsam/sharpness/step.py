@@ -54,6 +54,7 @@ from .reweight import (
     rademacher_seed,
 )
 from .settings import SharpnessSettings
+from .sharding import sharded_step_problems
 from .state import RNGReplay, frozen_running_stats, running_stat_modules
 
 logger = logging.getLogger(__name__)
@@ -123,9 +124,10 @@ class SharpnessAwareStep:
         self._warned_vmap_uncompiled = False
         self._warned_exact_uncompiled = False
         self._warned_batched_norms = False
+        self._sharding_checked = False
+        self._warned_low_precision_probes = False
         self._step_index = (-1, 0)  # (global step, micro-step within it), seeds the probes
         self._calls = 0
-        self._bn_cache: tuple[nn.Module | None, list] = (None, [])
         self._directions = RademacherDirections()  # the probes' buffers, kept from step to step
         if settings.sam_mode == "msam" and settings.msam_implementation == "vmap" and self.host.num_processes > 1:
             raise settings.refuse(
@@ -187,8 +189,13 @@ class SharpnessAwareStep:
         """One SAM / ASAM / RW-SAM step on `inputs`, whose descent counts for ``1 / share`` of the step."""
         s = self.settings
         params = self.host.parameters(model)
-        bn_modules = self._running_stat_modules(model)
-        rng = RNGReplay(params.tensors[0].device)
+        if params.sharded and not self._sharding_checked:
+            problems = sharded_step_problems(s)
+            if problems:
+                raise ValueError(f"{type(s).__name__} on FSDP2 shards: {'; '.join(problems)}.")
+            self._sharding_checked = True
+        bn_modules = running_stat_modules(model)
+        rng = RNGReplay({t.device for t in params.tensors})
         reweight = s.sam_mode == "rwsam"
         # FSDP's ascent gradient is its own reduce-scatter (the global scope), so only DDP skips the gradient sync
         with contextlib.nullcontext() if params.sharded else self.host.no_sync(model):
@@ -219,6 +226,14 @@ class SharpnessAwareStep:
         s = self.settings
         exact = s.rwsam_estimator == "exact"
         if not exact:
+            if not self._warned_low_precision_probes and any(t.dtype in (torch.bfloat16, torch.float16)
+                                                              for t in params.tensors):
+                logger.warning(
+                    "RW-SAM fd: the parameters themselves are bf16/fp16, so the probes cannot run in fp32, and their "
+                    "rounding hides or swamps the finite-difference step (benchmarks/fd_step.py). Keep fp32 weights "
+                    "(mixed precision through autocast) or use rwsam_estimator='exact'."
+                )
+                self._warned_low_precision_probes = True
             probe_losses = self._probe_function(model, inputs, loss_fn, rng, bn_modules)
             probes = fd_probe_losses(probe_losses, params.tensors, s.rwsam_num_probes, s.rwsam_fd_step,
                                      self._probe_generator(params.tensors[0].device), num_coordinates=params.numel,
@@ -281,7 +296,9 @@ class SharpnessAwareStep:
             return model
         if not self._warned_exact_uncompiled:
             logger.warning("RW-SAM's exact estimator runs its ascent pass uncompiled (it reads every layer's inputs and "
-                           "output gradients); the 'fd' estimator and the descent run compiled.")
+                           "output gradients); the descent runs compiled, and with dropout it draws other masks than "
+                           "the ascent (compiled code draws its random numbers its own way). The 'fd' estimator runs "
+                           "compiled throughout.")
             self._warned_exact_uncompiled = True
         return model._orig_mod
 
@@ -316,7 +333,7 @@ class SharpnessAwareStep:
         try:
             with self.host.no_sync(model):
                 result = vmap_msam_step(unwrapped, inputs, loss_fn, k, s.sam_rho, s.sam_adaptive, s.sam_adaptive_eta,
-                                        self._running_stat_modules(model))
+                                        running_stat_modules(model))
         except Exception as err:  # noqa: BLE001 -- any failure of torch.func on this model means "use the loop"
             if self._msam_vmap_ok:
                 raise
@@ -343,13 +360,17 @@ class SharpnessAwareStep:
 
     def _use_msam_vmap(self, model, k, unavailable=None) -> bool:
         impl = self.settings.msam_implementation
+        if unavailable is None and self.host.grad_scaler is not None:
+            unavailable = "its per-group gradients are taken without fp16's loss scale (they could underflow)"
+        if unavailable is None and self.host.num_processes > 1:
+            unavailable = "it bypasses the DDP forward, so it runs on one process only"
         if unavailable is not None:
             if impl == "vmap":
                 raise self.settings.refuse("msam_implementation", impl, f"{unavailable}; choose 'loop' or 'auto'")
             return False
         if impl != "auto":
             return impl == "vmap"
-        if self._msam_vmap_ok is False or self.host.num_processes > 1:
+        if self._msam_vmap_ok is False:
             return False
         params = [p for p in model.parameters() if p.requires_grad]
         extra_mb = 2 * k * sum(p.numel() * p.element_size() for p in params) / 2**20
@@ -423,13 +444,20 @@ class SharpnessAwareStep:
             with torch.no_grad(), rng.replay(), frozen_running_stats(bn_modules):
                 value = reference_loss_fn(model, inputs)
         mean, value = losses.detach().mean(), value.detach().float()
-        if not bool(torch.isfinite(mean) & torch.isfinite(value)):
-            return  # nothing to compare (a diverged step, say): checked again on the next one
         rtol = 1e-3 if self.host.mixed_precision(model) else 1e-4  # reduction order only: ~1e-7 relative in fp32
-        if bool(torch.isclose(mean, value, rtol=rtol, atol=1e-6)):
+        finite = torch.isfinite(mean) & torch.isfinite(value)
+        # [processes with nothing to compare (a diverged step, say), processes where the rule fails]: every process
+        # reaches the same verdict (one refusing alone would leave the others waiting in a collective)
+        verdict = torch.stack([~finite, finite & ~torch.isclose(mean, value, rtol=rtol, atol=1e-6)]).float()
+        unchecked, failed = (float(v) for v in self.host.reduce([verdict], "sum")[0])
+        if unchecked:
+            return  # checked again on the next step
+        if not failed:
             self._per_sample_losses_checked = True
             return
-        problem = f"their mean is {mean.item():.6g} where the loss being optimised is {value.item():.6g}"
+        problem = (f"their mean is {mean.item():.6g} where the loss being optimised is {value.item():.6g}"
+                   + ("" if bool(finite & ~torch.isclose(mean, value, rtol=rtol, atol=1e-6)) else
+                      " on this process, and another process's differ"))
         raise ValueError(
             "RW-SAM weights one loss per sample, and the built-in per-sample rule (cross-entropy, BCE or MSE on the "
             f"model's logits, from hf_rwsam.losses.per_sample_loss) does not reproduce this loss: {problem}. The loss "
@@ -468,11 +496,6 @@ class SharpnessAwareStep:
             return values
         b = values.shape[0] // self.host.num_processes
         return values[self.host.process_index * b : (self.host.process_index + 1) * b]
-
-    def _running_stat_modules(self, model):
-        if self._bn_cache[0] is not model:
-            self._bn_cache = (model, running_stat_modules(model))
-        return self._bn_cache[1]
 
     def _advance(self, global_step: int | None) -> None:
         if global_step is None:
