@@ -31,7 +31,7 @@ from hf_rwsam.models import create_model
 
 from utils import make_images, sgd_config, tensor_dataset
 
-REGISTERED = ["cifar_resnet18", "cifar_wrn28_10", "cifar_pyramidnet110_a270", "small_cnn"]
+REGISTERED = ["cifar_resnet18", "cifar_wrn28_10", "cifar_pyramidnet110_a270", "small_cnn", "small_cnn_gn"]
 
 # (architecture, in_chans, input side): the CIFAR models at 32x32, the small CNN on 1-channel 8x8 (digits) and 16x16
 CASES = [
@@ -40,6 +40,7 @@ CASES = [
     ("cifar_pyramidnet110_a270", 3, 32),
     ("small_cnn", 1, 8),
     ("small_cnn", 1, 16),
+    ("small_cnn_gn", 1, 8),
 ]
 
 # (architecture, model_args) -> (parameters of the reference implementation, paper figure, its tolerance, num_features).
@@ -321,3 +322,14 @@ def test_rwsam_trainer_trains_the_wrapped_model(tmp_path):
     assert all(torch.isfinite(value.float()).all() for value in state.values())
     for key in ("timm_model.stem.conv.weight", "timm_model.head.fc.weight", "timm_model.stem.bn.running_mean"):
         assert not torch.equal(state[key], start[key]), f"{key} did not move"
+
+
+def test_small_cnn_gn_normalises_with_groupnorm_only():
+    """`small_cnn_gn` is the small CNN with GroupNorm in place of every BatchNorm (so its samples do not interact),
+    with the same parameter count (GroupNorm's affine weights match BatchNorm's)."""
+    gn, bn = timm.create_model("small_cnn_gn", in_chans=1), timm.create_model("small_cnn", in_chans=1)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in gn.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in gn.modules()) == 3
+    assert n_params(gn) == n_params(bn)
+    with pytest.raises(ValueError, match="norm='layer'.*'batch' or 'group'"):
+        timm.create_model("small_cnn", norm="layer")

@@ -1,7 +1,7 @@
 """CIFAR architectures of the sharpness-aware minimization literature, registered in timm, and `create_model`.
 
 Importing this package (`import hf_rwsam` does) registers `cifar_resnet18`, `cifar_wrn28_10`,
-`cifar_pyramidnet110_a270` and `small_cnn` in timm, so that `timm.create_model` and transformers'
+`cifar_pyramidnet110_a270`, `small_cnn` and `small_cnn_gn` in timm, so that `timm.create_model` and transformers'
 `TimmWrapperForImageClassification` (hence `AutoModelForImageClassification.from_pretrained`) build them.
 """
 
@@ -9,7 +9,7 @@ from ._base import ConvNet
 from .cifar_resnet import CifarResNet, cifar_resnet18
 from .factory import create_model
 from .pyramidnet import PyramidBasicBlock, PyramidNet, cifar_pyramidnet110_a270
-from .small_cnn import SmallCnn, small_cnn
+from .small_cnn import SmallCnn, small_cnn, small_cnn_gn
 from .wide_resnet import WideResNet, cifar_wrn28_10
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "cifar_wrn28_10",
     "create_model",
     "small_cnn",
+    "small_cnn_gn",
 ]
