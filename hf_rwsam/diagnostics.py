@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .sharpness.ghost import exact_sample_grad_norms
+from .sharpness.ghost import PerSampleGradients
 
 
 def gradient_noise_trace(
@@ -25,8 +25,9 @@ def gradient_noise_trace(
 ) -> float:
     """``tr(V) = mean_i ||g_i||^2 - ||mean_i g_i||^2`` over every sample of `batches`, ``g_i = grad l_i(x)``.
 
-    The per-sample gradients' covariance trace (with the 1/N normalisation), from exact per-sample gradient norms
-    (`exact_sample_grad_norms`, ``chunk_size`` samples per batched backward) and the mean gradient.
+    The per-sample gradients' covariance trace (with the 1/N normalisation), from exact per-sample gradient norms and
+    the summed gradient, both from one backward per batch (`PerSampleGradients`; its batched estimator, with
+    ``chunk_size`` samples per batched backward, for what its layer rules do not cover).
 
     Args:
         model (`nn.Module`): the model; its trainable parameters define the gradients.
@@ -41,11 +42,13 @@ def gradient_noise_trace(
     sum_sq_norms, count = 0.0, 0
     grad_sum = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     for inputs in batches:
-        losses = loss_fn(model, inputs)
-        norms = exact_sample_grad_norms(losses, params, chunk_size, retain_graph=True)
-        sum_sq_norms += float(norms.double().square().sum())
+        b = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        per_sample = PerSampleGradients(model, params, b, chunk_size)
+        with per_sample.recording():
+            losses = loss_fn(model, inputs)
+        sum_sq_norms += float(per_sample.norms(losses).double().square().sum())
         count += losses.shape[0]
-        for total, g in zip(grad_sum, torch.autograd.grad(losses.sum(), params, materialize_grads=True)):
+        for total, g in zip(grad_sum, per_sample.weighted_gradient(torch.ones_like(losses))):
             total += g.double()
     mean_grad_sq = sum(float(t.square().sum()) for t in grad_sum) / count**2
     return sum_sq_norms / count - mean_grad_sq
