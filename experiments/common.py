@@ -1,12 +1,19 @@
-"""What the experiment scripts share: the data, one training run, a pool of runs, and the summary statistics.
+"""What the experiment scripts share: the data, one training run, hyperparameter selection, a pool of runs, and the
+summary statistics.
 
 A run trains a fresh model with `RWSAMTrainer` on the training split (labels corrupted when a noise rate is given,
-always with noise seed 0, so every method and seed sees the same corrupted labels; symmetric unless
-``--noise_type`` says otherwise) and returns its accuracy on the
-clean test split, the RW-SAM diagnostics averaged over training (`rwsam/noisy_weight_mass`, `rwsam/ess`,
-`rwsam/lambda`) and, on request, ``tr(V)`` and ``tr(H)`` of the training loss at the end (`hf_rwsam.diagnostics`).
-Runs go to a pool of ``--workers`` processes with ``--threads`` threads each; on this project's 2 cores, two
-one-thread runs of the small CNN finish in about the time of one two-thread run (see experiments/RESULTS.md).
+always with noise seed 0, so every method and seed sees the same corrupted labels; symmetric unless ``--noise_type``
+says otherwise). A validation split is carved from it first (``--validation_fraction``, the same samples for every
+run), its labels as noisy as the training labels, as a user's would be. The run evaluates on the validation split and
+on the clean test split after every epoch and reports the final model's clean-test accuracy (``accuracy``), that of
+the epoch best on the noisy validation split (``accuracy_best_val``), the final validation accuracy, the RW-SAM
+diagnostics averaged over training (`rwsam/noisy_weight_mass`, `rwsam/ess`, `rwsam/lambda`) and, on request, ``tr(V)``
+and ``tr(H)`` of the training loss at the end (`hf_rwsam.diagnostics`).
+
+Hyperparameters are chosen on the validation split only (`Tuned`, `tune_and_run`): one seed (``--selection_seed``,
+none of the final ones) per candidate, the final validation accuracy decides, then ``--seeds`` fresh seeds train at
+the chosen values. Runs go to a pool of ``--workers`` processes with ``--threads`` threads each; on this project's 2
+cores, two one-thread runs of the small CNN finish in about the time of one two-thread run.
 """
 
 from __future__ import annotations
@@ -51,11 +58,30 @@ class RunSpec:
     diagnostics: bool = False
 
 
+@dataclass(frozen=True)
+class Tuned:
+    """A method whose hyperparameters are chosen on the validation split, one grid after another.
+
+    Every value of the first grid is tried with the method's other fields, then every new value of the second grid at
+    the best of the first, and so on (a coordinate search: RW-SAM's 5 rho and 2 more lambdas take 7 runs, not 15).
+
+    Args:
+        label (`str`): the method's name in the tables.
+        method (`dict`): its `RWSAMConfig` fields, the grids' starting values included.
+        grids (`tuple`): ``(field, values)`` pairs, searched in this order.
+    """
+
+    label: str
+    method: dict = field(hash=False)
+    grids: tuple = ()
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The data, model, optimiser and pool flags every experiment takes (defaults: digits, small CNN, b = 64)."""
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--dataset_path", default=None)
-    parser.add_argument("--model", default="small_cnn")
+    parser.add_argument("--model", default="small_cnn_gn",
+                        help="small_cnn_gn: GroupNorm, so that per-sample gradients (RW-SAM exact, tr(V)) are defined")
     parser.add_argument("--image_size", type=int, default=16)
     parser.add_argument("--num_channels", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -63,7 +89,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=float, default=30)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--weight_decay", type=float, default=5e-4)
-    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--rho", type=float, default=0.05, help="rho of the methods that do not tune it")
+    parser.add_argument("--rhos", default="0.01,0.02,0.05,0.1,0.2", help="the rho grid of the tuned methods")
+    parser.add_argument("--validation_fraction", type=float, default=0.2,
+                        help="of the training split, for hyperparameter selection and the best-checkpoint figures")
+    parser.add_argument("--selection_seed", type=int, default=100, help="the seed of the selection runs")
     parser.add_argument("--noise_type", default="symmetric", choices=NOISE_TYPES, help="for the runs with noise")
     parser.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, each in its own process")
@@ -72,8 +102,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results_dir", type=Path, default=RESULTS, help="where the JSON and the plot go")
 
 
-def finished_or_new(args: argparse.Namespace, make_specs) -> tuple[argparse.Namespace, dict]:
-    """``(settings, record)`` of a finished experiment (``--from_json``) or of new runs of ``make_specs(args)``.
+def finished_or_new(args: argparse.Namespace, experiment) -> tuple[argparse.Namespace, dict]:
+    """``(settings, record)`` of a finished experiment (``--from_json``) or of a new one, ``experiment(args)`` (a dict
+    with the final ``runs``, and what else it records: the selection runs, the chosen values).
 
     The record holds the command, the settings and every run's result: what the experiment's JSON file stores.
     """
@@ -81,7 +112,7 @@ def finished_or_new(args: argparse.Namespace, make_specs) -> tuple[argparse.Name
         record = json.loads(Path(args.from_json).read_text())
         return argparse.Namespace(**{**record["settings"], "results_dir": args.results_dir}), record
     settings = {k: v for k, v in vars(args).items() if k not in ("from_json", "results_dir")}
-    return args, {"command": command_line(), "settings": settings, "runs": run_all(args, make_specs(args))}
+    return args, {"command": command_line(), "settings": settings, **experiment(args)}
 
 
 def save_record(args: argparse.Namespace, name: str, record: dict) -> Path:
@@ -95,7 +126,8 @@ _DATA: dict = {}
 
 
 def load_data(settings: dict, noise_rate: float) -> tuple:
-    """Train and clean-test splits, the train split cut to a multiple of the batch size (m-SAM splits every batch)."""
+    """Train, validation and clean-test splits: the validation split carved at random (seed 0) from the noisy training
+    split, the train split cut to a multiple of the batch size (m-SAM splits every batch)."""
     key = (settings["dataset"], settings["noise_type"], noise_rate)
     if key not in _DATA:
         data_args = DataArguments(
@@ -105,8 +137,12 @@ def load_data(settings: dict, noise_rate: float) -> tuple:
         model_args = ModelArguments(model=settings["model"], image_size=settings["image_size"],
                                     num_channels=settings["num_channels"])
         train, test, class_names, _ = build_datasets(data_args, model_args, seed=0)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+        n_val = int(settings.get("validation_fraction", 0.0) * len(train))
+        validation = train.select(order[:n_val]) if n_val else None
+        train = train.select(sorted(order[n_val:]))
         train = train.select(range(len(train) - len(train) % settings["batch_size"]))
-        _DATA[key] = train, test, class_names
+        _DATA[key] = train, validation, test, class_names
     return _DATA[key]
 
 
@@ -132,24 +168,37 @@ def loss_curvature(model, dataset, batch_size: int = 32, num_probes: int = 32) -
 
 
 def train_run(settings: dict, spec: RunSpec) -> dict:
-    """Train one model as `spec` says and return its clean-test accuracy, mean diagnostics and wall time."""
+    """Train one model as `spec` says; return its clean-test accuracy (final, and at the epoch best on validation),
+    its validation accuracy, mean diagnostics and wall time."""
     start = time.perf_counter()
-    train, test, class_names = load_data(settings, spec.noise_rate)
+    train, validation, test, class_names = load_data(settings, spec.noise_rate)
     set_seed(spec.seed)
     model = create_model(settings["model"], num_labels=len(class_names), id2label=dict(enumerate(class_names)),
                          image_size=settings["image_size"], in_chans=settings["num_channels"])
+    evaluated = {"val": validation, "test": test} if validation is not None else test
     with tempfile.TemporaryDirectory() as out:
+        method = {"sam_rho": settings["rho"], **spec.method} if spec.method.get("sam_mode") != "none" else spec.method
         config = RWSAMConfig(
-            output_dir=out, seed=spec.seed, sam_rho=settings["rho"], num_train_epochs=settings["epochs"],
+            output_dir=out, seed=spec.seed, num_train_epochs=settings["epochs"],
             per_device_train_batch_size=settings["batch_size"], per_device_eval_batch_size=512,
             learning_rate=settings["lr"], lr_scheduler_type="cosine", optim="sgd", optim_args="momentum=0.9",
-            weight_decay=settings["weight_decay"], eval_strategy="no", save_strategy="no", logging_steps=10,
-            report_to="none", disable_tqdm=True, use_cpu=settings["cpu"], **spec.method,
+            weight_decay=settings["weight_decay"], eval_strategy="epoch" if validation is not None else "no",
+            save_strategy="no", logging_steps=10, report_to="none", disable_tqdm=True, use_cpu=settings["cpu"],
+            **method,
         )
-        trainer = image_classification_trainer(model, config, train, test, settings["dataset"])
+        trainer = image_classification_trainer(model, config, train, evaluated, settings["dataset"])
         trainer.remove_callback(PrinterCallback)  # the logs are read back below, not printed
         trainer.train()
-        result = {"accuracy": trainer.evaluate()["eval_accuracy"]}
+        result = {"accuracy": trainer.evaluate(test, metric_key_prefix="final")["final_accuracy"]}
+        if validation is not None:
+            result["val_accuracy"] = trainer.evaluate(validation, metric_key_prefix="final")["final_accuracy"]
+            log = trainer.state.log_history  # one entry per evaluated split and epoch
+            epochs = [e for e in log if "eval_val_accuracy" in e]
+            tests = {e["step"]: e["eval_test_accuracy"] for e in log if "eval_test_accuracy" in e}
+            if epochs:  # the checkpoint a user would keep: best on the noisy validation split (first of ties)
+                best = max(epochs, key=lambda e: e["eval_val_accuracy"])
+                result["accuracy_best_val"] = tests[best["step"]]
+                result["best_val_epoch"] = best["epoch"]
     for name in LOGGED_DIAGNOSTICS:
         logged = [entry[name] for entry in trainer.state.log_history if name in entry]
         if logged:
@@ -181,6 +230,48 @@ def run_all(args: argparse.Namespace, specs: list[RunSpec]) -> list[dict]:
                                f"accuracy {results[i]['accuracy']:.4f} ({results[i]['seconds']:.0f} s)")
                 progress.update()
     return results
+
+
+def tune_and_run(args: argparse.Namespace, methods: list[Tuned], noise_rates: list[float],
+                 diagnostics=lambda rate: False) -> dict:
+    """Choose every method's hyperparameters for every noise rate on the validation split, then train ``args.seeds``
+    fresh seeds at the chosen values. Returns the record: ``selection`` (every candidate's run), ``chosen``
+    (``"label|rate" -> method fields``) and ``runs`` (the final runs)."""
+    chosen = {(t.label, rate): dict(t.method) for t in methods for rate in noise_rates}
+    best: dict = {}
+    selection = []
+    for stage in range(max((len(t.grids) for t in methods), default=0)):
+        specs = []
+        for t in methods:
+            if stage >= len(t.grids):
+                continue
+            name, values = t.grids[stage]
+            for rate in noise_rates:
+                tried = {json.dumps(r["method"], sort_keys=True) for r in selection
+                         if r["label"] == t.label and r["noise_rate"] == rate}
+                for value in values:
+                    candidate = {**chosen[(t.label, rate)], name: value}
+                    if json.dumps(candidate, sort_keys=True) not in tried:
+                        specs.append(RunSpec(t.label, args.selection_seed, candidate, rate))
+        results = run_all(args, specs)
+        for spec, result in zip(specs, results):
+            selection.append({**result, "method": spec.method})
+        for t in methods:  # the best so far, over this stage's candidates and the runs before
+            for rate in noise_rates:
+                runs = [r for r in selection if r["label"] == t.label and r["noise_rate"] == rate]
+                if runs:
+                    top = max(runs, key=lambda r: r["val_accuracy"])
+                    chosen[(t.label, rate)], best[(t.label, rate)] = dict(top["method"]), top["val_accuracy"]
+    finals = [RunSpec(t.label, seed, chosen[(t.label, rate)], rate, diagnostics=diagnostics(rate))
+              for rate in noise_rates for seed in range(args.seeds) for t in methods]
+    return {"selection": selection, "chosen": {f"{label}|{rate}": method for (label, rate), method in chosen.items()},
+            "tuned": {t.label: [name for name, _ in t.grids] for t in methods}, "runs": run_all(args, finals)}
+
+
+def chosen_values(record: dict, label: str, rate: float) -> str:
+    """The hyperparameters chosen for `label` at `rate` (those it tunes), for the tables: ``rho=0.05, lambda=2``."""
+    method = record["chosen"].get(f"{label}|{rate}", {})
+    return ", ".join(f"{name.split('_')[-1]}={method[name]:g}" for name in record["tuned"].get(label, []))
 
 
 def summarise(values: list[float]) -> dict:

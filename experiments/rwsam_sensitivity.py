@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import RunSpec, add_common_arguments, finished_or_new, group, save_record
+from common import RunSpec, add_common_arguments, finished_or_new, group, run_all, save_record
 
 METRICS = ("accuracy", "rwsam/noisy_weight_mass", "rwsam/lambda", "rwsam/ess")
 
@@ -78,7 +78,7 @@ def main():
     parser.add_argument("--target_ess", default="0.9,0.7,0.5,0.3")
     parser.add_argument("--estimator", default="fd", choices=["fd", "exact"])
     parser.add_argument("--num_probes", type=int, default=1)
-    args, record = finished_or_new(parser.parse_args(), specs)
+    args, record = finished_or_new(parser.parse_args(), lambda args: {"runs": run_all(args, specs(args))})
     lambdas, targets = grid(args.lambdas), grid(args.target_ess)
     for result in record["runs"]:  # the label says which setting: "lambda=2" or "target_ess=0.5"
         name, value = result["label"].split("=")

@@ -1,5 +1,6 @@
-"""The experiment scripts end to end on 11 steps (one logging window of 10): every run reports what the tables
-need, and a finished record redoes the same tables (`--from_json`)."""
+"""The experiment scripts end to end on one epoch: hyperparameters chosen on the validation split only (the argmax of
+the selection runs' validation accuracy, from seeds the final runs do not use), final runs that report what the tables
+need, and a finished record that redoes the same tables (`--from_json`)."""
 
 import json
 import math
@@ -14,28 +15,47 @@ EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 def run_script(name, *args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(EXPERIMENTS / name), *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
-def test_label_noise_reports_accuracy_noisy_weight_and_traces_and_replays_from_its_record(tmp_path):
-    out = run_script("label_noise.py", "--epochs", "0.5", "--seeds", "1", "--noise_rates", "0,0.4",
-                     "--methods", "SGD,RW-SAM fd Q=1", "--workers", "1", "--results_dir", str(tmp_path))
+def test_label_noise_tunes_on_validation_reports_final_and_best_val_and_replays(tmp_path):
+    out = run_script("label_noise.py", "--epochs", "1", "--seeds", "1", "--noise_rates", "0,0.4",
+                     "--methods", "SGD,RW-SAM fd Q=1", "--rhos", "0.02,0.1", "--lambdas", "3", "--workers", "1",
+                     "--results_dir", str(tmp_path))
     record = json.loads((tmp_path / "label_noise_digits.json").read_text())
     assert (tmp_path / "label_noise_digits.png").stat().st_size > 0
+
+    # Selection: RW-SAM's 2 rho, then lambda 3 at the better one, per noise rate, all on the selection seed; SGD
+    # tunes nothing. The chosen values are the argmax of the validation accuracy (not of the test accuracy).
+    selection = record["selection"]
+    assert {r["seed"] for r in selection} == {100} and {r["label"] for r in selection} == {"RW-SAM fd Q=1"}
+    for rate in (0.0, 0.4):
+        runs = [r for r in selection if r["noise_rate"] == rate]
+        first_two = sorted((r["method"]["sam_rho"], r["method"]["rwsam_lambda"]) for r in runs[:2])
+        assert first_two == [(0.02, 1.0), (0.1, 1.0)]
+        first = max(runs[:2], key=lambda r: r["val_accuracy"])
+        assert runs[2]["method"] == {**first["method"], "rwsam_lambda": 3.0}
+        best = max(runs, key=lambda r: r["val_accuracy"])
+        assert record["chosen"][f"RW-SAM fd Q=1|{rate}"] == best["method"]
+        for r in runs:
+            assert 0.0 <= r["val_accuracy"] <= 1.0
+
+    # Final runs: seed 0 at the chosen values, test accuracy of the final model and of the best validation epoch
     runs = {(r["label"], r["noise_rate"]): r for r in record["runs"]}
     assert set(runs) == {("SGD", 0.0), ("SGD", 0.4), ("RW-SAM fd Q=1", 0.0), ("RW-SAM fd Q=1", 0.4)}
     for run in record["runs"]:
-        assert 0.0 <= run["accuracy"] <= 1.0
-    # the weight on corrupted samples is RW-SAM's, and only where labels were corrupted
+        assert run["seed"] == 0
+        assert 0.0 <= run["accuracy"] <= 1.0 and 0.0 <= run["accuracy_best_val"] <= 1.0
     assert 0.0 < runs[("RW-SAM fd Q=1", 0.4)]["rwsam/noisy_weight_mass"] < 1.0
     assert "rwsam/noisy_weight_mass" not in runs[("SGD", 0.4)]
     assert "rwsam/noisy_weight_mass" not in runs[("RW-SAM fd Q=1", 0.0)]
-    # tr(V) and tr(H) at the end of the clean runs only
-    for label in ("SGD", "RW-SAM fd Q=1"):
+    for label in ("SGD", "RW-SAM fd Q=1"):  # tr(V) and tr(H) at the end of the clean runs only
         assert runs[(label, 0.0)]["trace_V"] > 0 and math.isfinite(runs[(label, 0.0)]["trace_H"])
         assert "trace_V" not in runs[(label, 0.4)]
+    assert "| RW-SAM fd Q=1 | rho=" in out  # the chosen values' table
+
     tables = out[out.index("Clean test accuracy"):]
     replayed = run_script("label_noise.py", "--from_json", str(tmp_path / "label_noise_digits.json"),
                           "--results_dir", str(tmp_path / "again"))
