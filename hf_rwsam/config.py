@@ -1,13 +1,19 @@
-"""`RWSAMConfig`: `TrainingArguments` plus the settings of SAM, ASAM, m-SAM and RW-SAM."""
+"""`RWSAMConfig`: `TrainingArguments` plus the settings of SAM, ASAM, m-SAM and RW-SAM, and the checks of what those
+settings cannot do with the other training arguments and with the trainer built around them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from accelerate.utils import DistributedType
 from transformers import TrainingArguments
+from transformers.utils import logging
 
+from .losses import PER_SAMPLE_LOSS_EXAMPLE
 from .sharpness.settings import SharpnessSettings
 from .sharpness.sharding import sharded_step_problems
+
+logger = logging.get_logger(__name__)
 
 
 FSDP_SUPPORTED = (
@@ -78,6 +84,69 @@ def check_training_arguments(args) -> None:
             "with its own gradient) or gradient_accumulation_steps=1",
         )
 
+
+def check_trainer_setup(trainer, per_sample_loss_func=None) -> None:
+    """Refuses by name, at the trainer's construction, what its sharpness-aware step cannot do with the trainer's
+    backend (DataParallel, DeepSpeed, FSDP from the Accelerate config), objective (``compute_loss_func`` without
+    ``per_sample_loss_func`` for RW-SAM) and training set (a last batch m-SAM cannot split); warns where a setting has
+    no effect (fp16/bf16 without autocast)."""
+    args, mode, name = trainer.args, trainer.args.sam_mode, type(trainer).__name__
+    if mode == "none":
+        return
+    if args.n_gpu > 1:
+        raise ValueError(
+            f"{name} does not support DataParallel (n_gpu={args.n_gpu}); launch one process per "
+            "GPU with `accelerate launch` or `torchrun`."
+        )
+    distributed_type = trainer.accelerator.distributed_type
+    if distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(
+            f"{name} does not support DeepSpeed with sam_mode={mode!r} (from the Accelerate config): "
+            "its engine owns the backward pass and the gradients; use DDP or FSDP2."
+        )
+    if distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        plugin = trainer.accelerator.state.fsdp_plugin
+        problems = fsdp_problems(args, plugin.fsdp_version, isinstance(plugin.cpu_offload, CPUOffloadPolicy),
+                                 getattr(trainer.accelerator, "parallelism_config", None))
+        if problems:
+            raise ValueError(f"{name} under FSDP (from the Accelerate config): "
+                             f"{'; '.join(problems)}. {FSDP_SUPPORTED}.")
+        if mode == "rwsam" and trainer.accelerator.mixed_precision != "no":
+            logger.warning(
+                "RW-SAM under FSDP with mixed precision: the finite-difference probes run at FSDP's compute dtype, "
+                "and benchmarks/fd_step.py found bf16 probes useless; keep FSDP's parameters in fp32 for them."
+            )
+    if (args.fp16 or args.bf16) and not trainer.accelerator.native_amp:
+        logger.warning(
+            f"{'fp16' if args.fp16 else 'bf16'}=True has no effect here: Accelerate runs no autocast on "
+            f"{trainer.accelerator.device.type} with it, so training runs in fp32."
+        )
+    if mode == "rwsam" and trainer.compute_loss_func is not None and per_sample_loss_func is None:
+        raise ValueError(
+            "RW-SAM weights one loss per sample, and with `compute_loss_func` the built-in per-sample rule cannot "
+            "know your objective: pass `per_sample_loss_func(outputs, labels) -> Tensor[b]` whose mean is the "
+            f"loss compute_loss_func computes; for example, for a class-weighted cross-entropy:\n\n"
+            f"{PER_SAMPLE_LOSS_EXAMPLE}"
+        )
+    _check_msam_batches(args, trainer.train_dataset)
+
+
+def _check_msam_batches(args, train_dataset) -> None:
+    """m-SAM needs every batch to split into groups of m: refuse at construction a last batch that will not."""
+    if args.sam_mode != "msam" or args.dataloader_drop_last or args.world_size > 1:
+        return  # (several processes: Accelerate completes the last batches; each batch is checked as it comes)
+    if train_dataset is None or not hasattr(train_dataset, "__len__"):
+        return
+    last = len(train_dataset) % args.per_device_train_batch_size
+    if last % args.msam_micro_batch_size:
+        raise ValueError(
+            f"{type(args).__name__}.msam_micro_batch_size={args.msam_micro_batch_size} does not divide the last batch "
+            f"({len(train_dataset)} samples in batches of {args.per_device_train_batch_size} leave {last}); "
+            "set dataloader_drop_last=True (it drops the last evaluation batch too) or use a training set whose "
+            "size is a multiple of the batch size."
+        )
 
 @dataclass
 class RWSAMConfig(SharpnessSettings, TrainingArguments):

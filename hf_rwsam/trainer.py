@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -34,9 +33,9 @@ from transformers.utils import logging
 
 from .cards import render_model_card
 from .columns import NOISE_COLUMN
-from .config import FSDP_SUPPORTED, RWSAMConfig, check_training_arguments, fsdp_problems
+from .config import RWSAMConfig, check_trainer_setup, check_training_arguments
 from .data import label_noise_info
-from .losses import PER_SAMPLE_LOSS_EXAMPLE, PerSampleLossFunc, per_sample_loss
+from .losses import PerSampleLossFunc, per_sample_loss
 from .sharpness import AccelerateHost, SharpnessAwareStep, SharpnessSettings
 
 logger = logging.get_logger(__name__)
@@ -74,8 +73,7 @@ class SharpnessAwareMixin:
                 "`@dataclass class MyConfig(SharpnessSettings, OtherConfig): pass`."
             )
         check_training_arguments(self.args)  # RWSAMConfig has done so already; a combined configuration has not
-        self._check_backend(per_sample_loss_func)
-        self._check_msam_batches()
+        check_trainer_setup(self, per_sample_loss_func)
         unwrapped = self.accelerator.unwrap_model(self.model)
         default_per_sample_loss = functools.partial(
             per_sample_loss,
@@ -99,65 +97,6 @@ class SharpnessAwareMixin:
         model = getattr(getattr(unwrapped, "base_model", None), "model", unwrapped)  # PEFT: the wrapped model
         names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
         return any(cls.__name__ in names for cls in type(model).__mro__) or bool(getattr(self, "_loss_shifts_labels", False))
-
-    def _check_backend(self, per_sample_loss_func) -> None:
-        """What the step cannot do with this trainer's backend and objective, refused by name at construction."""
-        args, mode = self.args, self.args.sam_mode
-        if mode == "none":
-            return
-        if args.n_gpu > 1:
-            raise ValueError(
-                f"{type(self).__name__} does not support DataParallel (n_gpu={args.n_gpu}); launch one process per "
-                "GPU with `accelerate launch` or `torchrun`."
-            )
-        distributed_type = self.accelerator.distributed_type
-        if distributed_type == DistributedType.DEEPSPEED:
-            raise ValueError(
-                f"{type(self).__name__} does not support DeepSpeed with sam_mode={mode!r} (from the Accelerate config): "
-                "its engine owns the backward pass and the gradients; use DDP or FSDP2."
-            )
-        if distributed_type == DistributedType.FSDP:
-            from torch.distributed.fsdp import CPUOffloadPolicy
-
-            plugin = self.accelerator.state.fsdp_plugin
-            problems = fsdp_problems(args, plugin.fsdp_version, isinstance(plugin.cpu_offload, CPUOffloadPolicy),
-                                     getattr(self.accelerator, "parallelism_config", None))
-            if problems:
-                raise ValueError(f"{type(self).__name__} under FSDP (from the Accelerate config): "
-                                 f"{'; '.join(problems)}. {FSDP_SUPPORTED}.")
-            if mode == "rwsam" and self.accelerator.mixed_precision != "no":
-                logger.warning(
-                    "RW-SAM under FSDP with mixed precision: the finite-difference probes run at FSDP's compute dtype, "
-                    "and benchmarks/fd_step.py found bf16 probes useless; keep FSDP's parameters in fp32 for them."
-                )
-        if (args.fp16 or args.bf16) and not self.accelerator.native_amp:
-            logger.warning(
-                f"{'fp16' if args.fp16 else 'bf16'}=True has no effect here: Accelerate runs no autocast on "
-                f"{self.accelerator.device.type} with it, so training runs in fp32."
-            )
-        if mode == "rwsam" and self.compute_loss_func is not None and per_sample_loss_func is None:
-            raise ValueError(
-                "RW-SAM weights one loss per sample, and with `compute_loss_func` the built-in per-sample rule cannot "
-                "know your objective: pass `per_sample_loss_func(outputs, labels) -> Tensor[b]` whose mean is the "
-                f"loss compute_loss_func computes; for example, for a class-weighted cross-entropy:\n\n"
-                f"{PER_SAMPLE_LOSS_EXAMPLE}"
-            )
-
-    def _check_msam_batches(self) -> None:
-        """m-SAM needs every batch to split into groups of m: refuse at construction a last batch that will not."""
-        args = self.args
-        if args.sam_mode != "msam" or args.dataloader_drop_last or args.world_size > 1:
-            return  # (several processes: Accelerate completes the last batches; each batch is checked as it comes)
-        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
-            return
-        last = len(self.train_dataset) % args.per_device_train_batch_size
-        if last % args.msam_micro_batch_size:
-            raise ValueError(
-                f"{type(args).__name__}.msam_micro_batch_size={args.msam_micro_batch_size} does not divide the last batch "
-                f"({len(self.train_dataset)} samples in batches of {args.per_device_train_batch_size} leave {last}); "
-                "set dataloader_drop_last=True (it drops the last evaluation batch too) or use a training set whose "
-                "size is a multiple of the batch size."
-            )
 
     # ------------------------------------------------------------------ the step
 

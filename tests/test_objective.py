@@ -378,7 +378,7 @@ def test_defaults_warn_about_nothing(tmp_path):
 def test_fp16_on_cpu_says_it_has_no_effect(tmp_path):
     x, y = make_tensors(n=8)
     args = sgd_config(tmp_path, sam_mode="sam", fp16=True)
-    with CaptureLogger(logging.get_logger("hf_rwsam.trainer")) as captured:
+    with CaptureLogger(logging.get_logger("hf_rwsam.config")) as captured:
         RWSAMTrainer(model=_model(), args=args, train_dataset=tensor_dataset(x, y))
     assert "fp16=True has no effect here" in captured.out, captured.out
 
