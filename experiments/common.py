@@ -80,8 +80,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The data, model, optimiser and pool flags every experiment takes (defaults: digits, small CNN, b = 64)."""
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--dataset_path", default=None)
-    parser.add_argument("--model", default="small_cnn_gn",
-                        help="small_cnn_gn: GroupNorm, so that per-sample gradients (RW-SAM exact, tr(V)) are defined")
+    parser.add_argument("--model", default="small_cnn",
+                        help="small_cnn (BatchNorm); small_cnn_gn (GroupNorm) gives RW-SAM exact its one-backward norms "
+                             "but trains far slower on digits (experiments/RESULTS.md)")
     parser.add_argument("--image_size", type=int, default=16)
     parser.add_argument("--num_channels", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=64)

@@ -2,7 +2,7 @@
 """Label noise: SGD, SAM, RW-SAM (fd Q=1 and exact) and m-SAM against the symmetric noise rate, each tuned on
 validation data, over seeds.
 
-    python experiments/label_noise.py                 # digits, small CNN (GroupNorm), b = 64, noise 0-0.8, 5 seeds
+    python experiments/label_noise.py                 # digits, small CNN (BatchNorm), b = 64, noise 0-0.8, 5 seeds
     python experiments/label_noise.py --dataset cifar10 --model cifar_resnet18 --image_size 32 --num_channels 3 \\
         --batch_size 128 --epochs 200 --workers 1 --threads 16 --no-cpu
 
@@ -124,6 +124,11 @@ def main():
     print("\nRW-SAM Gibbs weight on noisy samples (%), mean over training\n")
     print(table(mass, [label for label in labels if any(key[0] == label for key in mass)],
                 [r for r in rates if r > 0]))
+    ess = group(results, "rwsam/ess", "label", "noise_rate")
+    if ess:
+        print("\nRW-SAM effective sample size of the Gibbs weights (fraction of the batch), mean over training\n")
+        print(table(ess, [label for label in labels if any(key[0] == label for key in ess)], rates, digits=3,
+                    scale=1.0))
     curvature = {name: group(results, name, "label") for name in ("trace_V", "trace_H")}
     if curvature["trace_V"]:
         print("\nAt the end of training, noise 0: tr(V) and tr(H) of the training loss\n")

@@ -2,7 +2,7 @@
 """m-sharpness on real data: clean-test accuracy of m-SAM against the micro-batch size m, rho tuned per m on
 validation data, over seeds, on clean labels and under label noise.
 
-    python experiments/msharpness.py                # digits, small CNN (GroupNorm), b = 64, m in {64 ... 4}, 5 seeds
+    python experiments/msharpness.py                # digits, small CNN (BatchNorm), b = 64, m in {64 ... 4}, 5 seeds
     python experiments/msharpness.py --dataset cifar10 --model cifar_resnet18 --batch_size 128 --epochs 200 ...
 
 m = b is SAM. Every m gets its own rho, chosen per noise rate on a validation split carved from the (noisy) training
