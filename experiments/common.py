@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -291,4 +292,4 @@ def group(results: list[dict], metric: str, *keys: str) -> dict:
 
 
 def command_line() -> str:
-    return "python " + " ".join(sys.argv)
+    return "python " + shlex.join(sys.argv)
