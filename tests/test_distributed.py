@@ -22,9 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import torch.nn.functional as F
 
-from test_rwsam import ref_gibbs
+from test_rwsam import ref_gibbs, reference_rwsam_gradient
 from utils import SequentialTrainer, TinyMLP, flat_params, make_tensors, relative_error, sgd_config, tensor_dataset
 
 WORKER = Path(__file__).parent / "distributed" / "train_worker.py"
@@ -94,7 +93,7 @@ def test_global_scope_is_sam_on_the_global_batch(tmp_path):
 def test_rwsam_exact_device_scope_weights_each_process_batch(tmp_path):
     """``device`` scope with exact norms: each process computes the Gibbs weights, the ascent and the descent on its own
     4 samples (the one-backward per-sample norms under DDP's no_sync), and DDP averages the two descent gradients.
-    Reference: that step written plainly (per-sample norms by one backward per sample), on the two halves."""
+    Reference: test_rwsam's plain step on each half, the two descents averaged."""
     rho, lam = 0.1, 2.0
     proc, result = launch(tmp_path, {"sam_mode": "rwsam", "rwsam_estimator": "exact", "rwsam_lambda": lam,
                                      "sam_rho": rho, "per_device_train_batch_size": PER_DEVICE, "max_steps": STEPS})
@@ -103,30 +102,13 @@ def test_rwsam_exact_device_scope_weights_each_process_batch(tmp_path):
     torch.manual_seed(0)
     model = TinyMLP()
     x, y = make_tensors(PER_DEVICE * WORLD, seed=1)
-    params = list(model.parameters())
     for _ in range(STEPS):
-        total = [torch.zeros_like(q) for q in params]
-        for rank in range(WORLD):
-            xr, yr = x[rank * PER_DEVICE:(rank + 1) * PER_DEVICE], y[rank * PER_DEVICE:(rank + 1) * PER_DEVICE]
-            losses = F.cross_entropy(model(xr)["logits"], yr, reduction="none")
-            norms = torch.stack([torch.sqrt(sum(g.double().square().sum() for g in
-                                                torch.autograd.grad(losses[i], params, retain_graph=True)))
-                                 for i in range(PER_DEVICE)])
-            p = ref_gibbs(norms, lam=lam).float()
-            g = torch.autograd.grad((p * losses).sum(), params)
-            g_norm = torch.sqrt(sum(gi.square().sum() for gi in g))
-            saved = [q.detach().clone() for q in params]
-            with torch.no_grad():
-                for q, gi in zip(params, g):
-                    q.add_(rho * gi / g_norm)
-            descent = torch.autograd.grad(F.cross_entropy(model(xr)["logits"], yr), params)
-            with torch.no_grad():
-                for q, q0, t, d in zip(params, saved, total, descent):
-                    q.copy_(q0)
-                    t.add_(d / WORLD)
+        halves = [reference_rwsam_gradient(model, x[r * PER_DEVICE:(r + 1) * PER_DEVICE],
+                                           y[r * PER_DEVICE:(r + 1) * PER_DEVICE], rho, lambda n: ref_gibbs(n, lam=lam))
+                  for r in range(WORLD)]
         with torch.no_grad():
-            for q, t in zip(params, total):
-                q.sub_(0.1 * t)  # sgd_config's learning rate
+            for q, *grads in zip(model.parameters(), *halves):
+                q.sub_(0.1 * sum(grads) / WORLD)  # sgd_config's learning rate; DDP averages the descents
     assert relative_error(ours, flat_params(model)) <= TOL
     global_rwsam = single_process(tmp_path, sam_mode="rwsam", rwsam_estimator="exact", rwsam_lambda=lam, sam_rho=rho)
     assert relative_error(ours, global_rwsam) > 100 * TOL

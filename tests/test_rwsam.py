@@ -398,22 +398,32 @@ def train(model, tmp_path, x, y, steps, trainer_cls=SequentialTrainer, dataset=N
     return trainer
 
 
-def reference_rwsam(model, x, y, steps, lr, rho, weights_fn):
-    """RW-SAM with plain SGD on one fixed batch, written from ALGORITHMS.md (exact per-sample norms by a loop)."""
+def reference_rwsam_gradient(model, x, y, rho, weights_fn):
+    """One RW-SAM step's descent gradient, written from ALGORITHMS.md: exact per-sample norms by a loop, Gibbs weights
+    ``weights_fn(norms)``, ascent on sum_i p_i l_i, the mean loss's gradient at x + e; the parameters are restored."""
     params = list(model.parameters())
+    p = weights_fn(loop_grad_norms(model, x, y)).float()
+    losses = F.cross_entropy(model(x)["logits"], y, reduction="none")
+    g = torch.autograd.grad((p * losses).sum(), params)
+    g_norm = torch.sqrt(sum(gi.square().sum() for gi in g))
+    saved = [q.detach().clone() for q in params]
+    with torch.no_grad():
+        for q, gi in zip(params, g):
+            q.add_(rho * gi / g_norm)
+    descent = torch.autograd.grad(model(x, labels=y)["loss"], params)  # mean loss at x + e
+    with torch.no_grad():
+        for q, q0 in zip(params, saved):
+            q.copy_(q0)
+    return descent
+
+
+def reference_rwsam(model, x, y, steps, lr, rho, weights_fn):
+    """RW-SAM with plain SGD on one fixed batch (`reference_rwsam_gradient`)."""
     for _ in range(steps):
-        p = weights_fn(loop_grad_norms(model, x, y)).float()
-        losses = F.cross_entropy(model(x)["logits"], y, reduction="none")
-        g = torch.autograd.grad((p * losses).sum(), params)
-        g_norm = torch.sqrt(sum(gi.square().sum() for gi in g))
-        saved = [q.detach().clone() for q in params]
+        descent = reference_rwsam_gradient(model, x, y, rho, weights_fn)
         with torch.no_grad():
-            for q, gi in zip(params, g):
-                q.add_(rho * gi / g_norm)
-        descent = torch.autograd.grad(model(x, labels=y)["loss"], params)  # mean loss at x + e
-        with torch.no_grad():
-            for q, q0, gi in zip(params, saved, descent):
-                q.copy_(q0 - lr * gi)
+            for q, gi in zip(model.parameters(), descent):
+                q.sub_(lr * gi)
     return model
 
 
