@@ -446,9 +446,10 @@ class SharpnessAwareStep:
         mean, value = losses.detach().mean(), value.detach().float()
         rtol = 1e-3 if self.host.mixed_precision(model) else 1e-4  # reduction order only: ~1e-7 relative in fp32
         finite = torch.isfinite(mean) & torch.isfinite(value)
+        disagrees = finite & ~torch.isclose(mean, value, rtol=rtol, atol=1e-6)
         # [processes with nothing to compare (a diverged step, say), processes where the rule fails]: every process
         # reaches the same verdict (one refusing alone would leave the others waiting in a collective)
-        verdict = torch.stack([~finite, finite & ~torch.isclose(mean, value, rtol=rtol, atol=1e-6)]).float()
+        verdict = torch.stack([~finite, disagrees]).float()
         unchecked, failed = (float(v) for v in self.host.reduce([verdict], "sum")[0])
         if unchecked:
             return  # checked again on the next step
@@ -456,7 +457,7 @@ class SharpnessAwareStep:
             self._per_sample_losses_checked = True
             return
         problem = (f"their mean is {mean.item():.6g} where the loss being optimised is {value.item():.6g}"
-                   + ("" if bool(finite & ~torch.isclose(mean, value, rtol=rtol, atol=1e-6)) else
+                   + ("" if bool(disagrees) else
                       " on this process, and another process's differ"))
         raise ValueError(
             "RW-SAM weights one loss per sample, and the built-in per-sample rule (cross-entropy, BCE or MSE on the "
