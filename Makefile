@@ -10,7 +10,7 @@ PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) -e ".[test,examples,trl]"
+	$(PIP_INSTALL) -e ".[test,examples,experiments,trl]"
 	touch $@
 
 venv: $(VENV)/.installed
