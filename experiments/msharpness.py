@@ -1,85 +1,95 @@
 #!/usr/bin/env python
-"""m-sharpness on real data: clean-test accuracy of m-SAM against the micro-batch size m, rho tuned per m on
-validation data, over seeds, on clean labels and under label noise.
+"""m-sharpness where SGD memorises: clean-test accuracy of m-SAM against the micro-batch size m, rho chosen per m on the
+noisy validation split, paired by seed against SGD and against SAM (m = b).
 
-    python experiments/msharpness.py                # digits, small CNN (BatchNorm), b = 64, m in {64 ... 4}, 5 seeds
-    python experiments/msharpness.py --dataset cifar10 --model cifar_resnet18 --batch_size 128 --epochs 200 ...
+    python experiments/msharpness.py            # digits 8x8, small_cnn_gn, 40% symmetric noise, b = 64, m in {64, 16, 4}
 
-m = b is SAM. Every m gets its own rho, chosen per noise rate on a validation split carved from the (noisy) training
-split (common.py): the perturbation of a group of m samples comes from a noisier gradient, and the m-sharpness papers
-tune rho per m. Then 5 fresh seeds train at the chosen values; each reports the clean-test accuracy of the final model
-and of the epoch best on the noisy validation split. Writes experiments/results/msharpness_<dataset>.json, a PNG of
-accuracy against m and prints markdown tables.
+The GroupNorm model, so that m-SAM's micro-batches do not change any batch statistics. Every m gets its own rho from
+``--rhos``, chosen by the early-stopped validation accuracy over the selection seeds (`selection`, ties toward the
+default 0.05); then ``--seeds`` fresh seeds. SGD runs beside them, because the m-trend is interpreted only where SAM
+(m = b) beats SGD first: where the perturbation does not help at m = b, a smaller m has nothing to sharpen. The runs
+share the run store with `label_noise.py` (same settings, same seeds: the same runs). Writes
+``msharpness_<dataset>_<model>.json`` and two PNGs to ``--results_dir`` and prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from common import Tuned, add_common_arguments, chosen_values, finished_or_new, group, save_record, tune_and_run
+from common import add_common_arguments, finished_or_new, floats, msam, noise_name, parse_noise, sam, save_record, sgd
+from common import tune_and_run
+from figures import accuracy_figure, curves_figure
+from selection import Tuned, describe
+from stats import by_seed, format_interval, paired_difference, t_interval
 
 
 def sizes(args) -> list[int]:
-    return [args.batch_size // int(d) for d in args.divisors.split(",")]
+    return [int(m) for m in args.ms.split(",")]
 
 
-def noise_rates(args) -> list[float]:
-    return [float(r) for r in args.noise_rates.split(",")]
+def label(m: int, batch_size: int) -> str:
+    return f"m={m} (SAM)" if m == batch_size else f"m={m}"
 
 
 def methods(args) -> list[Tuned]:
-    rho = ("sam_rho", [float(x) for x in args.rhos.split(",")])
-    return [Tuned(f"m={m}", {"sam_mode": "sam", "sam_rho": args.rho} if m == args.batch_size else
-                  {"sam_mode": "msam", "sam_rho": args.rho, "msam_micro_batch_size": m,
-                   "msam_implementation": "loop"}, (rho,))
-            for m in sizes(args)]
+    rho = ("sam_rho", floats(args.rhos))
+    return [Tuned("SGD", sgd())] + [
+        Tuned(label(m, args.batch_size), sam() if m == args.batch_size else msam(m), (rho,)) for m in sizes(args)]
 
 
 def experiment(args) -> dict:
-    return tune_and_run(args, methods(args), noise_rates(args))
+    return tune_and_run(args, methods(args), parse_noise(args.noise))
 
 
-def plot(summaries: dict, ms: list[int], rates: list[float], path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.8, 4), constrained_layout=True)
-    for i, rate in enumerate(rates):
-        for (name, summary), style in zip(summaries.items(), ("-", ":")):
-            points = [summary[(f"m={m}", rate)] for m in ms]
-            ax.errorbar(ms, [100 * s["mean"] for s in points], yerr=[100 * s["std"] for s in points], marker="o",
-                        capsize=3, ls=style, color=f"C{i}", label=f"{rate:.0%} noise, {name}")
-    ax.set(xscale="log", xlabel="m (micro-batch size of the perturbation; m = b is SAM)",
-           ylabel="clean test accuracy (%)")
-    ax.minorticks_off()
-    ax.set_xticks(ms, [str(m) for m in ms])
-    ax.legend(fontsize="small")
-    ax.set_title(title, fontsize="medium")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def report(record: dict, labels: list[str], noise: tuple, seeds: int, batch_size: int) -> str:
+    runs = {name: [r for r in record["runs"] if r["label"] == name] for name in labels}
+    sam_label = label(batch_size, batch_size)
+    stages = {entry["label"]: entry["stages"] for entry in record["selection"]}
+    lines = [f"{noise_name(noise)} noise: clean test accuracy (%), mean [95% CI] over {seeds} seeds; paired "
+             "differences (points), bold where the interval excludes 0\n",
+             "| method | early-stopped | final | early-stopped - SGD | final - SGD | early-stopped - SAM "
+             "| final - SAM | chosen |", "|---|---|---|---|---|---|---|---|"]
+    for name in labels:
+        cells = [format_interval(t_interval([r[metric] for r in runs[name]]))
+                 for metric in ("accuracy_best_val", "accuracy")]
+        for baseline in ("SGD", sam_label):
+            for metric in ("accuracy_best_val", "accuracy"):
+                cells.append("" if name in ("SGD", baseline) else format_interval(
+                    paired_difference(by_seed(runs[name], metric), by_seed(runs[baseline], metric)), signed=True))
+        cells.append(", ".join(describe(stage, stage["field"]) for stage in stages.get(name, [])))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    gate = []
+    for metric, model in (("accuracy_best_val", "early-stopped"), ("accuracy", "final")):
+        d = paired_difference(by_seed(runs[sam_label], metric), by_seed(runs["SGD"], metric))
+        gate.append(f"- {model} model: SAM - SGD = {format_interval(d, signed=True)}: "
+                    + ("SAM beats SGD, the m-trend below can be read" if d["verdict"] == "higher" else
+                       "SAM does not beat SGD, the m-trend is not interpreted"))
+    return "\n".join(lines) + "\n\nThe gate (SAM must beat SGD first)\n\n" + "\n".join(gate)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--divisors", default="1,2,4,8,16", help="m = batch_size / divisor")
-    parser.add_argument("--noise_rates", default="0,0.4")
+    parser.add_argument("--ms", default="64,16,4", help="micro-batch sizes m; m = batch_size is SAM")
+    parser.add_argument("--rhos", default="0.005,0.01,0.02,0.05,0.1,0.2")
+    parser.add_argument("--noise", default="symmetric:0.4", help="one noise setting TYPE:RATE")
     args, record = finished_or_new(parser.parse_args(), experiment)
-    ms, rates = sizes(args), noise_rates(args)
-    summaries = {"final model": group(record["runs"], "accuracy", "label", "noise_rate"),
-                 "epoch best on validation": group(record["runs"], "accuracy_best_val", "label", "noise_rate")}
-    plot(summaries, ms, rates, save_record(args, f"msharpness_{args.dataset}", record),
-         f"m-sharpness: {args.model} on {args.dataset}, b={args.batch_size}, rho tuned per m, {args.seeds} seeds")
-    for rate in rates:
-        print(f"\n{rate:.0%} {args.noise_type} noise: clean test accuracy (%), mean +- std over {args.seeds} seeds\n")
-        print("| m | final model | epoch best on validation | chosen rho |\n|---|---|---|---|")
-        for m in ms:
-            final, best = (summaries[name][(f"m={m}", rate)] for name in summaries)
-            print(f"| {m}{' (SAM)' if m == args.batch_size else ''} | {100 * final['mean']:.2f} +- "
-                  f"{100 * final['std']:.2f} | {100 * best['mean']:.2f} +- {100 * best['std']:.2f} | "
-                  f"{chosen_values(record, f'm={m}', rate)} |")
+    noises = parse_noise(args.noise)
+    if len(noises) != 1:
+        raise ValueError(f"--noise: msharpness.py takes one noise setting, got {args.noise!r}")
+    labels = ["SGD"] + [label(m, args.batch_size) for m in sizes(args)]
+    name = f"msharpness_{args.dataset}_{args.model}"
+    results_dir = save_record(args, name, record)
+    title = (f"m-sharpness: {args.model} on {args.dataset} {args.image_size}x{args.image_size}, "
+             f"{noise_name(noises[0])} noise, b={args.batch_size}, {args.epochs} epochs, rho chosen per m, "
+             f"{args.seeds} seeds")
+    groups = ["all"]
+    accuracy_figure(record["runs"], labels, groups, lambda r: "all", [noise_name(noises[0])],
+                    results_dir / f"{name}.png", title, "label noise")
+    curves_figure(record["runs"], labels, groups, lambda r: "all", [noise_name(noises[0])],
+                  results_dir / f"{name}_curves.png", title)
+    print(f"\nm-sharpness, {args.model} on {args.dataset}, {args.epochs} epochs\n")
+    print(report(record, labels, noises[0], args.seeds, args.batch_size))
 
 
 if __name__ == "__main__":
