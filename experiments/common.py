@@ -38,7 +38,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits", choices=["digits", "mnist"])
     parser.add_argument("--image_size", type=int, default=8, help="8 is the digits' native size")
     parser.add_argument("--model", default="small_cnn_gn", choices=["small_cnn_gn", "small_cnn"],
-                        help="small_cnn_gn (GroupNorm: exact per-sample norms in one backward) or small_cnn (BatchNorm)")
+                        help="small_cnn_gn (GroupNorm: exact per-sample norms in one backward), small_cnn (BatchNorm)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=40,
                         help="enough for SGD to memorise >= 80%% of the noisy training labels (checked and printed)")
@@ -134,7 +134,8 @@ def run_all(args: argparse.Namespace, specs: list[RunSpec]) -> list[dict]:
     def finished(key: str, result: dict, progress) -> None:
         store.add(key, result)
         spec = todo[key]
-        progress.write(f"{time.strftime('%H:%M:%S')} {spec.label:<14s} {noise_name((spec.noise_type, spec.noise_rate))} "
+        noise = noise_name((spec.noise_type, spec.noise_rate))
+        progress.write(f"{time.strftime('%H:%M:%S')} {spec.label:<14s} {noise} "
                        f"seed {spec.seed:<3d} {json.dumps(spec.method)}: val {result['val_accuracy_best']:.4f} "
                        f"(epoch {result['best_epoch']}), test {result['accuracy_best_val']:.4f} / final "
                        f"{result['accuracy']:.4f} ({result['seconds']:.0f} s)")
@@ -168,7 +169,7 @@ def tune_and_run(args: argparse.Namespace, methods: list[Tuned], noises: list[tu
     validation_size = len(splits_for(training_settings(args), *noises[0]).validation)
     chosen = {(t.label, noise): dict(t.method) for t in methods for noise in noises}
     stages: dict = {(t.label, noise): [] for t in methods for noise in noises}
-    seconds: dict = {}  # every distinct run's training time: the experiment's cost on one worker
+    seconds: dict = {}  # every distinct run's (wall, CPU) seconds: the experiment's cost on one worker
     for stage in range(max((len(t.grids) for t in methods), default=0)):
         candidates = []  # (label, noise, field, value, spec)
         for t in methods:
@@ -180,7 +181,7 @@ def tune_and_run(args: argparse.Namespace, methods: list[Tuned], noises: list[tu
                             spec = RunSpec(t.label, seed, {**chosen[(t.label, noise)], name: value}, *noise)
                             candidates.append((t.label, noise, name, value, spec))
         results = run_all(args, [spec for *_, spec in candidates])
-        seconds.update((r["key"], r["seconds"]) for r in results)
+        seconds.update((r["key"], (r["seconds"], r.get("cpu_seconds"))) for r in results)
         grouped: dict = {}
         for (label, noise, name, value, _), result in zip(candidates, results):
             grouped.setdefault((label, noise, name), {}).setdefault(value, []).append(result)
@@ -198,7 +199,7 @@ def tune_and_run(args: argparse.Namespace, methods: list[Tuned], noises: list[tu
     finals = [RunSpec(t.label, seed, chosen[(t.label, noise)], *noise)
               for noise in noises for seed in range(args.seeds) for t in methods]
     runs = run_all(args, finals)
-    seconds.update((r["key"], r["seconds"]) for r in runs)
+    seconds.update((r["key"], (r["seconds"], r.get("cpu_seconds"))) for r in runs)
     return {
         "selection": [{"label": label, "noise": list(noise), "stages": entries}
                       for (label, noise), entries in stages.items() if entries],
@@ -224,9 +225,25 @@ def finished_or_new(args: argparse.Namespace, experiment) -> tuple[argparse.Name
     settings = {k: v for k, v in vars(args).items() if k not in ("from_json", "results_dir", "run_store")}
     record = {"command": command_line(), "settings": settings, **experiment(args)}
     record["wall_seconds"] = round(time.perf_counter() - start, 1)
-    if "run_seconds" in record:
-        record["compute_seconds"] = round(sum(record.pop("run_seconds").values()), 1)
+    if "run_seconds" in record:  # the runs' own times, whether this command trained them or found them in the store
+        times = list(record.pop("run_seconds").values())
+        record["compute_seconds"] = round(sum(wall for wall, _ in times), 1)
+        if all(cpu is not None for _, cpu in times):
+            record["cpu_seconds"] = round(sum(cpu for _, cpu in times), 1)
     return args, record
+
+
+def timing(record: dict) -> str:
+    """``wall 95 min; runs 90 min (CPU 48 min)`` of a record: the command's wall time, the sum of its runs' wall times
+    (what one worker takes with an empty run store) and of their CPU times."""
+    parts = []
+    if "wall_seconds" in record:
+        parts.append(f"command wall time {record['wall_seconds'] / 60:.0f} min")
+    if "compute_seconds" in record:
+        parts.append(f"runs {record['compute_seconds'] / 60:.0f} min")
+    if "cpu_seconds" in record:
+        parts.append(f"CPU {record['cpu_seconds'] / 60:.0f} min")
+    return "; ".join(parts)
 
 
 def save_record(args: argparse.Namespace, name: str, record: dict) -> Path:

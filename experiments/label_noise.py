@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 
 from common import (add_common_arguments, finished_or_new, floats, msam, noise_name, parse_noise, rwsam, sam,
-                    save_record, sgd, tune_and_run)
+                    save_record, sgd, timing, tune_and_run)
 from figures import accuracy_figure, curves_figure
 from selection import Tuned, describe
 from stats import by_seed, format_interval, paired_difference, t_interval
@@ -195,8 +195,7 @@ def main():
     accuracy_figure(record["runs"], labels, noises, noise_of, names, results_dir / f"{name}.png", title,
                     "label noise")
     curves_figure(record["runs"], labels, noises, noise_of, names, results_dir / f"{name}_curves.png", title)
-    print(f"\n{args.model} on {args.dataset}, {args.epochs} epochs"
-          + (f", {record['wall_seconds'] / 60:.0f} min" if "wall_seconds" in record else "") + "\n")
+    print(f"\n{args.model} on {args.dataset}, {args.epochs} epochs ({timing(record)})\n")
     print(report(record, labels, noises, args.seeds))
 
 

@@ -124,7 +124,7 @@ def steps_per_epoch(settings: dict, spec: RunSpec) -> int:
 
 def train_run(settings: dict, spec: RunSpec) -> dict:
     """Train one model as `spec` says; returns its per-epoch ``history`` and the summary of the module docstring."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     splits = splits_for(settings, spec.noise_type, spec.noise_rate)
     model, optimizer, schedule, step = build(settings, spec)
     order = torch.Generator().manual_seed(spec.seed)
@@ -148,7 +148,9 @@ def train_run(settings: dict, spec: RunSpec) -> dict:
         for name, value in {**epoch_metrics(model, splits), **diagnostics}.items():
             if name in history:
                 history[name].append(round(value, 6))
-    return summarise_history(history, time.perf_counter() - start)
+    result = summarise_history(history, time.perf_counter() - start)
+    result["cpu_seconds"] = round(time.process_time() - cpu_start, 2)
+    return result
 
 
 def summarise_history(history: dict, seconds: float) -> dict:

@@ -2,7 +2,7 @@
 """m-sharpness where SGD memorises: clean-test accuracy of m-SAM against the micro-batch size m, rho chosen per m on the
 noisy validation split, paired by seed against SGD and against SAM (m = b).
 
-    python experiments/msharpness.py            # digits 8x8, small_cnn_gn, 40% symmetric noise, b = 64, m in {64, 16, 4}
+    python experiments/msharpness.py      # digits 8x8, small_cnn_gn, 40% symmetric noise, b = 64, m in {64, 16, 4}
 
 The GroupNorm model, so that m-SAM's micro-batches do not change any batch statistics. Every m gets its own rho from
 ``--rhos``, chosen by the early-stopped validation accuracy over the selection seeds (`selection`, ties toward the
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-from common import add_common_arguments, finished_or_new, floats, msam, noise_name, parse_noise, sam, save_record, sgd
-from common import tune_and_run
+from common import (add_common_arguments, finished_or_new, floats, msam, noise_name, parse_noise, sam, save_record,
+                    sgd, timing, tune_and_run)
 from figures import accuracy_figure, curves_figure
 from selection import Tuned, describe
 from stats import by_seed, format_interval, paired_difference, t_interval
@@ -88,7 +88,7 @@ def main():
                     results_dir / f"{name}.png", title, "label noise")
     curves_figure(record["runs"], labels, groups, lambda r: "all", [noise_name(noises[0])],
                   results_dir / f"{name}_curves.png", title)
-    print(f"\nm-sharpness, {args.model} on {args.dataset}, {args.epochs} epochs\n")
+    print(f"\nm-sharpness, {args.model} on {args.dataset}, {args.epochs} epochs ({timing(record)})\n")
     print(report(record, labels, noises[0], args.seeds, args.batch_size))
 
 

@@ -4,10 +4,10 @@
     python experiments/rwsam_sensitivity.py     # digits 8x8, small_cnn_gn, b = 64, 40% symmetric noise, fd Q=1, 8 seeds
 
 The runs of `loop` (the package's step on preloaded tensors, no augmentation); the 2026-11-22 numbers in RESULTS.md came
-from the Trainer with augmentation, at commit 0d75d9c. lambda = 0 is SAM. With `rwsam_target_ess` the effective lambda is chosen every step so that the weights' effective
-sample size is that fraction of the batch; the runs report the mean effective lambda, the mean ESS and the Gibbs
-weight on corrupted labels. Writes experiments/results/rwsam_sensitivity_<dataset>_<noise>.json and .png and prints
-markdown tables.
+from the Trainer with augmentation, at commit 0d75d9c. lambda = 0 is SAM. With `rwsam_target_ess` the effective lambda
+is chosen every step so that the weights' effective sample size is that fraction of the batch; the runs report the mean
+effective lambda, the mean ESS and the Gibbs weight on corrupted labels. Writes
+``rwsam_sensitivity_<dataset>_<estimator>_noise<rate>.json`` and .png to ``--results_dir`` and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def main():
     by_ess = {metric: group([r for r in record["runs"] if "target_ess" in r], metric, "target_ess")
               for metric in METRICS}
     tag = f"{args.dataset}_{args.estimator}_noise{args.noise_rate:g}"
-    plot(by_lambda, by_ess, lambdas, targets, args.noise_rate, save_record(args, f"rwsam_sensitivity_{tag}", record) / f"rwsam_sensitivity_{tag}.png",
+    path = save_record(args, f"rwsam_sensitivity_{tag}", record) / f"rwsam_sensitivity_{tag}.png"
+    plot(by_lambda, by_ess, lambdas, targets, args.noise_rate, path,
          f"RW-SAM ({args.estimator}, Q={args.num_probes}) on {args.dataset}, {args.noise_rate:.0%} symmetric noise, "
          f"{args.model}, b={args.batch_size}, {args.seeds} seeds")
     print(f"\nFixed lambda, mean +- 95% CI half-width over {args.seeds} seeds\n")
