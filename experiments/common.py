@@ -251,7 +251,7 @@ def save_record(args: argparse.Namespace, name: str, record: dict) -> Path:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"{name}.json"
     if not (getattr(args, "from_json", None) and Path(args.from_json).resolve() == path.resolve()):
-        path.write_text(json.dumps(record, indent=1))
+        path.write_text(json.dumps(record, separators=(",", ":")))  # compact: the records hold every epoch
     return args.results_dir
 
 

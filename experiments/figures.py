@@ -38,7 +38,7 @@ def accuracy_figure(runs: list[dict], labels: list[str], groups: list, group_of,
     axes[0].set_ylabel("clean test accuracy (%), mean and 95% CI")
     axes[1].legend(fontsize="small")
     fig.suptitle(title, fontsize="medium")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -68,5 +68,5 @@ def curves_figure(runs: list[dict], labels: list[str], groups: list, group_of, g
     axes[0][0].axhline(80, color="k", lw=0.8, ls=":")
     axes[0][-1].legend(fontsize="small")
     fig.suptitle(title, fontsize="medium")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
