@@ -4,6 +4,7 @@ the descent gradient in ``.grad`` out. Nothing here imports transformers."""
 from .ghost import PerSampleGradients, exact_sample_grad_norms
 from .host import AccelerateHost, TorchHost
 from .msam import split_batch, vmap_msam_step
+from .norm_rules import register_norm_rule
 from .perturb import global_norm, perturbed, sam_perturbation, swapped_parameters, written_parameters
 from .reweight import effective_sample_size, gibbs_weights, sample_grad_norms
 from .settings import SharpnessSettings
@@ -23,6 +24,7 @@ __all__ = [
     "gibbs_weights",
     "global_norm",
     "perturbed",
+    "register_norm_rule",
     "running_stat_modules",
     "sam_perturbation",
     "sample_grad_norms",

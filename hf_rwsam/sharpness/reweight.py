@@ -239,8 +239,8 @@ def sample_grad_norms(
     bn_modules = running_stat_modules(model)
     if method == "exact":
         b = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-        per_sample = PerSampleGradients(model, params, b, chunk_size)
-        with frozen_running_stats(bn_modules), per_sample.recording():
+        per_sample = PerSampleGradients(model, params, chunk_size)
+        with frozen_running_stats(bn_modules), per_sample.recording(b):
             losses = loss_fn(model, inputs)
         return per_sample.norms(losses)
     rng = RNGReplay(device)

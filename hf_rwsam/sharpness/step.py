@@ -123,7 +123,7 @@ class SharpnessAwareStep:
         self._msam_vmap_ok: bool | None = None  # decided on the first m-SAM step under "auto"
         self._warned_vmap_uncompiled = False
         self._warned_exact_uncompiled = False
-        self._warned_batched_norms = False
+        self._exact_pass: PerSampleGradients | None = None
         self._sharding_checked = False
         self._warned_low_precision_probes = False
         self._step_index = (-1, 0)  # (global step, micro-step within it), seeds the probes
@@ -241,8 +241,11 @@ class SharpnessAwareStep:
             # Under mixed precision the slopes need an fp32 reference at x too; in fp32 the ascent's losses are it.
             fd_reference = probe_losses() if self.host.mixed_precision(model) else None
         forward_model = self._eager_for_exact_norms(model)
-        per_sample = self._per_sample_gradients(forward_model, params, batch_size(inputs)) if exact else None
-        with per_sample.recording() if exact else contextlib.nullcontext():
+        if exact:
+            per_sample = self._per_sample_gradients(forward_model, params)
+            value, outputs = per_sample.record(lambda: loss_fn(forward_model, inputs, return_outputs=True),
+                                               batch_size(inputs), rng.replay)
+        else:
             value, outputs = loss_fn(forward_model, inputs, return_outputs=True)
         losses = self._per_sample_losses(outputs, inputs)
         del outputs
@@ -267,27 +270,15 @@ class SharpnessAwareStep:
             return value, per_sample.weighted_gradient(weights)
         return value, params.gradient(self._scaled((weights * losses).sum()))
 
-    def _per_sample_gradients(self, model, params, b) -> PerSampleGradients:
-        """The exact estimator's pass over `model`'s layers; says once which parameters it takes by batched backward."""
-        per_sample = PerSampleGradients(self.host.unwrap(model), params.params, b, self.settings.rwsam_exact_chunk_size)
-        if per_sample.batched and not self._warned_batched_norms:
-            if per_sample.coupled:
-                logger.warning(
-                    f"RW-SAM exact: BatchNorm layers normalise with the batch's statistics ({per_sample.coupled[:3]}"
-                    f"{' ...' if len(per_sample.coupled) > 3 else ''}), which couple the samples' gradients: every "
-                    "per-sample gradient is taken by batched backward passes (rwsam_exact_chunk_size samples each), "
-                    "many times a SAM step. rwsam_estimator='fd' is the fast estimator for such models."
-                )
-            else:
-                owners = sorted({type(m).__name__ for m in self.host.unwrap(model).modules()
-                                 for q in m.parameters(recurse=False) if any(q is p for p in per_sample.batched)})
-                logger.warning(
-                    f"RW-SAM exact: the parameters of {owners} (a layer without per-sample rules, shared parameters, "
-                    "or a layer called twice) take their per-sample gradients by batched backward passes, slower than "
-                    "the one backward the other layers need."
-                )
-            self._warned_batched_norms = True
-        return per_sample
+    def _per_sample_gradients(self, model, params) -> PerSampleGradients:
+        """The exact estimator's pass over `model`'s layers, kept from step to step while the model and its parameters
+        stay the same (the layouts it proved serve every later step)."""
+        model = self.host.unwrap(model)
+        kept = self._exact_pass
+        if kept is None or kept.model is not model or len(kept.params) != len(params.params) or any(
+                p is not q for p, q in zip(kept.params, params.params)):
+            kept = self._exact_pass = PerSampleGradients(model, params.params, self.settings.rwsam_exact_chunk_size)
+        return kept
 
     def _eager_for_exact_norms(self, model):
         """The model for RW-SAM's ascent pass: with the exact estimator, a compiled model's eager module (its layers'
