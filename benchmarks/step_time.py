@@ -37,11 +37,12 @@ from hf_rwsam.profiling import count_aten_ops
 
 
 class Classifier(nn.Module):
-    """A timm model with the Trainer's calling convention (``norm="groupnorm"``: GroupNorm, 8 groups, for BatchNorm)."""
+    """A timm model with the Trainer's calling convention (``norm="groupnorm"``: GroupNorm, 8 groups, for BatchNorm;
+    ``"native"``: the model's own, e.g. ``small_cnn_gn``'s GroupNorm)."""
 
     def __init__(self, name: str, num_classes: int, norm: str = "batchnorm"):
         super().__init__()
-        kwargs = {} if norm == "batchnorm" else {"norm_layer": functools.partial(GroupNorm, num_groups=8)}
+        kwargs = {"norm_layer": functools.partial(GroupNorm, num_groups=8)} if norm == "groupnorm" else {}
         self.body = timm.create_model(name, num_classes=num_classes, **kwargs)
 
     def forward(self, pixel_values, labels=None):
@@ -283,8 +284,9 @@ def main():
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--norm", choices=("batchnorm", "groupnorm"), default="batchnorm",
-                        help="the model's normalisation layers (groupnorm: timm's GroupNorm, 8 groups)")
+    parser.add_argument("--norm", choices=("batchnorm", "groupnorm", "native"), default="batchnorm",
+                        help="the model's normalisation layers (groupnorm: timm's GroupNorm, 8 groups; native: the "
+                             "model's own, e.g. small_cnn_gn)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 quick, 20 otherwise)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default=None, help="comma-separated subset of variants")
@@ -343,6 +345,7 @@ def main():
     ratios = {
         "sam/sgd": ratio("sam", "sgd"),
         "rwsam/sam": ratio("rwsam_fd_q1", "sam"),
+        "rwsam_exact/sam": ratio("rwsam_exact", "sam"),
         "msam/sam": ratio(msam_best, "sam") if msam_best else None,
         "trainer_sam/loop_sam": ratio("sam", "hand_sam"),
         "pytorch_optimizer_sam/sgd": ratio("pytorch_optimizer_sam", "sgd"),
@@ -359,6 +362,8 @@ def main():
         param_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
         ratios["sam_extra_mem/param_mem"] = (memory["sam"] - memory["sgd"]) / param_mb
         ratios["rwsam_mem/sam_mem"] = memory["rwsam_fd_q1"] / memory["sam"]
+    if {"sam", "rwsam_exact"} <= memory.keys():
+        ratios["rwsam_exact_mem/sam_mem"] = memory["rwsam_exact"] / memory["sam"]
     result = {
         "date": date.today().isoformat(),
         "command": "python " + " ".join(sys.argv),
@@ -369,10 +374,10 @@ def main():
         "ratios": ratios,
         "modes": modes,
     }
-    print(f"{'variant':28s} {'median s':>9s} {'min s':>8s} {'aten ops':>9s} {'peak MiB':>9s}")
+    print(f"{'variant':28s} {'median ms':>10s} {'min ms':>8s} {'aten ops':>9s} {'peak MiB':>9s}")
     for name, m in modes.items():
         ops = "-" if m["aten_ops"] is None else m["aten_ops"]
-        print(f"{name:28s} {m['step_s']:9.3f} {m['min_s']:8.3f} {ops:>9} "
+        print(f"{name:28s} {1000 * m['step_s']:10.1f} {1000 * m['min_s']:8.1f} {ops:>9} "
               f"{m.get('peak_mem_mb', float('nan')):9.0f}")
     for key, value in ratios.items():
         print(f"{key:38s} {value:.3f}")

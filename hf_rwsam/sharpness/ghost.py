@@ -396,7 +396,7 @@ class PerSampleGradients:
                 self._check(losses, scale)
             self._collect_uses()
             for g in self._copy_grads:
-                sq += g.float().flatten(1).square().sum(1)
+                sq += torch.linalg.vector_norm(g.float().flatten(1), dim=1).square()
             for key in list(self._uses):
                 param_sq = _sq_norms_of_uses(self._uses[key])
                 if param_sq is None:

@@ -52,9 +52,20 @@ FORM_BUDGET = 2**26
 batched estimator."""
 
 
+KEEP_FORMED = 2
+"""Per-sample gradients formed for the norms are kept for the weighted gradient (a contraction instead of another
+product of the layer's inputs and output gradients) while they hold at most this many times the numbers of those
+operands, which the pass holds anyway."""
+
+
 def _fp(t: torch.Tensor) -> torch.Tensor:
     """At least fp32 (bf16/fp16 activations and gradients are multiplied in fp32; fp64 stays fp64)."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _sq_norms(t: torch.Tensor) -> torch.Tensor:
+    """``||t_i||^2`` over all but the leading dimension, reduced without a squared copy of `t`."""
+    return torch.linalg.vector_norm(t.flatten(1), dim=1).square()
 
 
 def _per_sample(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -73,7 +84,7 @@ class PerSampleGradient:
 
     def sq_norms(self) -> torch.Tensor:
         """``||G_i||^2``, ``[b]``."""
-        return self.formed().flatten(1).square().sum(1)
+        return _sq_norms(self.formed())
 
     def weighted(self, p: torch.Tensor) -> torch.Tensor:
         """``sum_i p_i G_i``, shaped like the parameter."""
@@ -113,7 +124,7 @@ class Dense(PerSampleGradient):
     @classmethod
     def of_rows(cls, rows: torch.Tensor, b: int) -> "Dense":
         """From per-row gradients ``[b k, *shape]`` in sample-major order: each sample's ``k`` rows summed."""
-        return cls(rows.reshape(b, -1, *rows.shape[1:]).sum(1))
+        return cls(rows if rows.shape[0] == b else rows.reshape(b, -1, *rows.shape[1:]).sum(1))
 
     def formed(self) -> torch.Tensor:
         return self.per_sample
@@ -121,32 +132,60 @@ class Dense(PerSampleGradient):
 
 class OuterProduct(PerSampleGradient):
     """``G_i = sum_t L_it^T R_it`` per group: `left` ``[b, groups, T, r]``, `right` ``[b, groups, T, c]``, the
-    parameter ``[groups * r, c]`` reshaped to `shape`."""
+    parameter ``[groups * r, c]`` reshaped to `shape`.
+
+    Where the norms form ``G`` (cheaper than the ghost form), they keep it within `KEEP_FORMED`, and the weighted
+    gradient is then a contraction of it rather than another product of ``L`` and ``R``."""
 
     def __init__(self, left: torch.Tensor, right: torch.Tensor, shape: torch.Size):
         self.left, self.right = _fp(left), _fp(right)
         self.b, self.shape = left.shape[0], torch.Size(shape)
+        self._kept = None
 
     @classmethod
     def of_rows(cls, left: torch.Tensor, right: torch.Tensor, b: int, shape: torch.Size) -> "OuterProduct":
         """From rows ``[b k, ..., r]`` and ``[b k, ..., c]`` (every position of every row of a sample is one ``t``)."""
         return cls(left.reshape(b, 1, -1, left.shape[-1]), right.reshape(b, 1, -1, right.shape[-1]), shape)
 
+    def _positions_and_sides(self) -> tuple[int, int, int]:
+        """``T`` (positions per sample and group), ``r`` and ``c``."""
+        return self.left.shape[2], self.left.shape[3], self.right.shape[3]
+
+    def _operands_numel(self) -> int:
+        """How many numbers the pass holds for this use already (the budget of `KEEP_FORMED`)."""
+        return self.left.numel() + self.right.numel()
+
     def sq_norms(self) -> torch.Tensor:
+        t, r, c = self._positions_and_sides()
+        if t * (r + c) < r * c:
+            return self._ghost_sq_norms()
+        formed = self.formed()
+        if formed.numel() <= KEEP_FORMED * self._operands_numel():
+            self._kept = formed
+        return _sq_norms(formed)
+
+    def _ghost_sq_norms(self) -> torch.Tensor:
         left, right = self.left, self.right
-        t, r, c = left.shape[2], left.shape[3], right.shape[3]
-        if t == 1:
+        if left.shape[2] == 1:  # one position: ||l||^2 ||r||^2
             return (left.square().sum((2, 3)) * right.square().sum((2, 3))).sum(1)
-        if t * (r + c) < r * c:  # ghost
-            return ((left @ left.transpose(2, 3)) * (right @ right.transpose(2, 3))).sum((1, 2, 3))
-        return (left.transpose(2, 3) @ right).square().sum((1, 2, 3))
+        return ((left @ left.transpose(2, 3)) * (right @ right.transpose(2, 3))).sum((1, 2, 3))
 
     def weighted(self, p: torch.Tensor) -> torch.Tensor:
-        left = self.left * _per_sample(p, self.left)
-        groups, r, c = left.shape[1], left.shape[3], self.right.shape[3]
+        if self._kept is not None:
+            return torch.tensordot(p.to(self._kept.dtype), self._kept, dims=1)
+        return self._weighted_product(p)
+
+    def _weighted_product(self, p: torch.Tensor) -> torch.Tensor:
+        """``sum_{i,t} p_i L_it^T R_it``, the smaller operand scaled by the weights."""
+        left, right = self.left, self.right
+        if left.numel() <= right.numel():
+            left = left * _per_sample(p, left)
+        else:
+            right = right * _per_sample(p, right)
+        groups, r, c = left.shape[1], left.shape[3], right.shape[3]
         if groups == 1:
-            return (left.reshape(-1, r).t() @ self.right.reshape(-1, c)).reshape(self.shape)
-        return torch.einsum("bgtr,bgtc->grc", left, self.right).reshape(self.shape)
+            return (left.reshape(-1, r).t() @ right.reshape(-1, c)).reshape(self.shape)
+        return torch.einsum("bgtr,bgtc->grc", left, right).reshape(self.shape)
 
     def formed(self) -> torch.Tensor:
         return (self.left.transpose(2, 3) @ self.right).reshape(self.b, *self.shape)
@@ -202,13 +241,15 @@ class EmbeddingRows(PerSampleGradient):
 
 
 class ConvWeight(OuterProduct):
-    """A convolution's weight: an `OuterProduct` of its output gradients and input patches (unfolded only when the
-    norms need them); the weighted gradient from the native weight-gradient kernel."""
+    """A convolution's weight: an `OuterProduct` of its output gradients and input patches, unfolded only for the
+    ghost form (few output positions); the formed gradients from one grouped call of the native weight-gradient kernel,
+    the weighted gradient from the kernel itself."""
 
     def __init__(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, padding):
         self.layer, self.x, self.g, self.padding = layer, x, g, padding
         self.b, self.shape = b, layer.weight.shape
         self._pairs = None
+        self._kept = None
 
     @property
     def left(self) -> torch.Tensor:  # [b, G, k L, O / G]
@@ -234,15 +275,38 @@ class ConvWeight(OuterProduct):
             self._pairs = (g.reshape(b, groups, -1, g.shape[-1]), patches.reshape(b, groups, -1, patches.shape[-1]))
         return self._pairs
 
-    def weighted(self, p: torch.Tensor) -> torch.Tensor:
-        layer, x, g = self.layer, _fp(self.x), _fp(self.g)
-        p = p.to(g.dtype).repeat_interleave(x.shape[0] // self.b)
+    def _positions_and_sides(self) -> tuple[int, int, int]:
+        layer = self.layer
+        return self.g[0, 0].numel() * (self.x.shape[0] // self.b), layer.weight.shape[0] // layer.groups, \
+            layer.weight[0].numel()
+
+    def _operands_numel(self) -> int:
+        return self.x.numel() + self.g.numel()
+
+    def _weight_gradient(self, x: torch.Tensor, g: torch.Tensor, groups: int) -> torch.Tensor:
+        """The native weight-gradient kernel: ``grad_W`` of a convolution with input `x` and output gradient `g`."""
+        layer = self.layer
         gradient = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}[x.dim() - 2]
-        return gradient(x, layer.weight.shape, g * _per_sample(p, g), layer.stride, self.padding, layer.dilation,
-                        layer.groups)
+        shape = (layer.weight.shape[0] * groups // layer.groups, *layer.weight.shape[1:])
+        return gradient(x, shape, g, layer.stride, self.padding, layer.dilation, groups)
+
+    def _weighted_product(self, p: torch.Tensor) -> torch.Tensor:
+        """The batch's weight gradient with each row's input or output gradient (the smaller) scaled by its weight."""
+        x, g = _fp(self.x), _fp(self.g)
+        p = p.to(g.dtype).repeat_interleave(x.shape[0] // self.b)
+        if x.numel() < g.numel():
+            return self._weight_gradient(x * _per_sample(p, x), g, self.layer.groups)
+        return self._weight_gradient(x, g * _per_sample(p, g), self.layer.groups)
 
     def formed(self) -> torch.Tensor:
-        return (self.left.transpose(2, 3) @ self.right).reshape(self.b, *self.shape)
+        """Every row's weight gradient from one grouped call of the native kernel (rows as groups), summed per
+        sample: the same arithmetic as the batch's weight gradient, without unfolding the input."""
+        x, g, rows = _fp(self.x), _fp(self.g), self.x.shape[0]
+        per_row = self._weight_gradient(x.reshape(1, -1, *x.shape[2:]), g.reshape(1, -1, *g.shape[2:]),
+                                        rows * self.layer.groups)
+        if rows == self.b:
+            return per_row.view(self.b, *self.shape)
+        return per_row.view(self.b, rows // self.b, *self.shape).sum(1)
 
 
 # ------------------------------------------------------------------------------------------------- the registry
@@ -398,10 +462,10 @@ def _affine_rules(layer, normalized, g, b, reduce, weight_name="weight", bias_na
     over the sample's rows and positions (`reduce`: ``[rows, ...] -> [rows, channels]``)."""
     rules = {}
     weight, bias = getattr(layer, weight_name, None), getattr(layer, bias_name, None)
-    if isinstance(weight, nn.Parameter):
-        rules[weight] = Dense.of_rows(reduce(normalized * g), b)
     if isinstance(bias, nn.Parameter):
         rules[bias] = Dense.of_rows(reduce(g), b)
+    if isinstance(weight, nn.Parameter):  # `normalized` is the rule's own: multiplied in place
+        rules[weight] = Dense.of_rows(reduce(normalized.mul_(g)), b)
     return rules
 
 

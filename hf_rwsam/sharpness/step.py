@@ -267,7 +267,8 @@ class SharpnessAwareStep:
         self._log_weights(weights, lam, noisy)
         weights = self._local_slice(weights)
         if exact:
-            return value, per_sample.weighted_gradient(weights)
+            # detached: the ascent's graph (kept for the batched estimator) is freed before the descent allocates
+            return value.detach(), per_sample.weighted_gradient(weights)
         return value, params.gradient(self._scaled((weights * losses).sum()))
 
     def _per_sample_gradients(self, model, params) -> PerSampleGradients:
