@@ -239,8 +239,25 @@ def msam_limit(modes, k):
     return 1 + extra / t["sam"]
 
 
+TEXT_MODELS = {"bert-base": "BertConfig", "bert-tiny": "BertConfig"}
+"""transformers text classifiers built from a config (offline): ``bert-base`` (110M parameters, the default
+BertConfig) and ``bert-tiny`` (2 layers of width 128, for a quick run); ``--image-size`` is their sequence length."""
+
+
+def make_text_model(name: str, num_classes: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    sizes = {} if name == "bert-base" else dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                                 intermediate_size=512)
+    return BertForSequenceClassification(BertConfig(num_labels=num_classes, **sizes))
+
+
 def make_batch(args, device):
     g = torch.Generator().manual_seed(0)
+    if args.model in TEXT_MODELS:
+        ids = torch.randint(0, 30522, (args.batch_size, args.image_size), generator=g)
+        labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=g)
+        return {"input_ids": ids.to(device), "labels": labels.to(device)}
     pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g)
     labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=g)
     return {"pixel_values": pixels.to(device), "labels": labels.to(device)}
@@ -274,6 +291,8 @@ def peak_memory_mb(name, args) -> float:
 
 def make_model(args):
     torch.manual_seed(0)
+    if args.model in TEXT_MODELS:
+        return make_text_model(args.model, args.num_classes)
     return Classifier(args.model, args.num_classes, args.norm)
 
 
@@ -337,7 +356,11 @@ def main():
                 modes[name]["peak_mem_mb"] = peak_memory_mb(name, args)
 
     def ratio(a, b):
-        return modes[a]["step_s"] / modes[b]["step_s"] if a in modes and b in modes else None
+        """The median over rounds of the two variants' ratio in the same round (paired: a round's steps run back to
+        back, so a slow spell of the machine hits both)."""
+        if a not in times or b not in times:
+            return None
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
     msam_best = min(
         (n for n in modes if n.startswith("msam_") and n.endswith("b/8")), key=lambda n: modes[n]["step_s"], default=None

@@ -44,6 +44,7 @@ layer's rows as batch-first, and wraps or re-hooks modules with full backward ho
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -140,9 +141,11 @@ class _Call:
     activations: tuple
     edge: Any  # the gradient edge of the call's output
     out_shape: torch.Size
+    input_requires_grad: bool = True  # False: fed by data, nothing below needs a gradient
     grad: torch.Tensor | None = None
     candidates: list[str] = field(default_factory=list)
     layout: str | None = None
+    taken: bool = False
 
     def sample_major(self, b: int, layout: str, samples: torch.Tensor | None = None):
         """The rule's inputs in sample-major order (only `samples`' rows, if given) and the batch size they have."""
@@ -232,6 +235,8 @@ class PerSampleGradients:
         self._copies: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._copy_grads: list[torch.Tensor] = []
         self._uses: dict[int, list[_Use]] = {}
+        self._remaining: collections.Counter = collections.Counter()
+        self._unproven: set[int] = set()
         self._losses, self._scale = None, 1.0
         self._whole: tuple[torch.Tensor, ...] = ()  # b = 1: the gradient
         self._depth = 0  # > 0 inside a hooked layer's forward (its own F.linear calls are its rule's)
@@ -320,15 +325,16 @@ class PerSampleGradients:
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad and args
                 and isinstance(args[0], torch.Tensor)):
             return
-        activations = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        self._record((id(module),), module, self._rules[id(module)], activations, output)
+        self._record((id(module),), module, self._rules[id(module)], args, output)
 
-    def _record(self, site: tuple, layer, registered, activations, output) -> None:
+    def _record(self, site: tuple, layer, registered, inputs, output) -> None:
         """Keeps one call; its key is the call site: `site` (the layer, or the parameter block of an ``F.linear``
         call) and how many times that site was called before in this forward."""
         key = (*site, self._times_called.get(site, 0))
         self._times_called[site] = key[-1] + 1
-        self._calls.append(_Call(key, layer, registered, activations, get_gradient_edge(output), output.shape))
+        activations = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in inputs)
+        self._calls.append(_Call(key, layer, registered, activations, get_gradient_edge(output), output.shape,
+                                 inputs[0].requires_grad))
         rows = activations[0].shape[0] if activations[0].dim() else None
         if rows is not None and rows % self.b == 0:
             self._last_rows = rows
@@ -342,7 +348,7 @@ class PerSampleGradients:
                     layer = _FunctionalLinear(weight if used_weight is not None else None,
                                               bias if used_bias is not None else None)
                     param, start, _ = used_weight or used_bias
-                    self._record(("F.linear", id(param), start), layer, _FUNCTIONAL_LINEAR, (input.detach(),), output)
+                    self._record(("F.linear", id(param), start), layer, _FUNCTIONAL_LINEAR, (input,), output)
             return output
 
         return linear
@@ -383,28 +389,23 @@ class PerSampleGradients:
         # calls whose layout is not proven yet (new sites, or sites whose shapes no longer allow the proven layout)
         pending = [c for c in self._calls if c.layout is None and c.candidates
                    and not (c.key in self._layouts and self._layouts[c.key] is None)]
+        parts = []
+        if self._calls or self._copies:
+            if pending:
+                self._output_gradients_at_once(losses, scale)
+                self._calls = [c for c in self._calls if c.grad is not None]
+                if any(c.grad is not None for c in pending):
+                    self._check(losses, scale)
+                self._count_uses()
+                for call in self._calls:
+                    self._take(call, call.grad, parts)
+            else:
+                self._count_uses()
+                self._streamed(losses, scale, parts)
+            parts += [torch.linalg.vector_norm(g.float().flatten(1), dim=1).square() for g in self._copy_grads]
         sq = torch.zeros(b, dtype=torch.promote_types(torch.float32, losses.dtype), device=losses.device)
-        copies = [copy for _, copy in self._copies]
-        if self._calls or copies:
-            grads = torch.autograd.grad(losses.sum() * scale, [*copies, *[c.edge for c in self._calls]],
-                                        retain_graph=True, allow_unused=True)
-            self._copy_grads = [torch.zeros_like(c) if g is None else g for c, g in zip(copies, grads)]
-            for call, grad in zip(self._calls, grads[len(copies):]):
-                call.grad = grad
-            self._calls = [c for c in self._calls if c.grad is not None]
-            if any(c.grad is not None for c in pending):
-                self._check(losses, scale)
-            self._collect_uses()
-            for g in self._copy_grads:
-                sq += torch.linalg.vector_norm(g.float().flatten(1), dim=1).square()
-            for key in list(self._uses):
-                param_sq = _sq_norms_of_uses(self._uses[key])
-                if param_sq is None:
-                    del self._uses[key]
-                    self._disproven[key] = "its uses' cross terms (a shared parameter) have no form within budget"
-                else:
-                    sq += param_sq
-            sq /= scale * scale
+        if parts:
+            sq += torch.stack(parts).sum(0) / (scale * scale)
         copied = {id(p) for p, _ in self._copies}
         batched = [p for p in self.params if id(p) not in self._uses and id(p) not in copied]
         self._batched = []
@@ -414,6 +415,80 @@ class PerSampleGradients:
             self._batched = [p for p, u in zip(batched, used) if u]  # the unused ones' gradient is zero
             self._warn(self._batched)
         return sq.sqrt()
+
+    def _count_uses(self) -> None:
+        """Before the rules are taken: each parameter's calls (its norm is complete after the last), and the
+        parameters with a call no layout proves this step."""
+        self._uses = {}
+        self._remaining = collections.Counter(id(p) for c in self._calls for p in _call_parameters(c))
+        self._unproven = {id(p) for c in self._calls if c.layout is None for p in _call_parameters(c)}
+
+    def _output_gradients_at_once(self, losses: torch.Tensor, scale: float) -> None:
+        """Every call's output gradient (and the broadcast copies'), kept together: what the self-check needs."""
+        copies = [copy for _, copy in self._copies]
+        grads = torch.autograd.grad(losses.sum() * scale, [*copies, *[c.edge for c in self._calls]],
+                                    retain_graph=True, allow_unused=True)
+        self._copy_grads = [torch.zeros_like(c) if g is None else g for c, g in zip(copies, grads)]
+        for call, grad in zip(self._calls, grads[len(copies):]):
+            call.grad = grad
+
+    def _streamed(self, losses: torch.Tensor, scale: float, parts: list[torch.Tensor]) -> None:
+        """The layers' backward, each call's rule taken as soon as its output gradient is complete (a pre-hook on the
+        node that made the output), so that output gradients are released as the backward goes on, as in a plain
+        backward. The backward is asked for the gradients of the calls fed by data (nothing below them needs one)
+        and of the broadcast copies; a call it did not reach is taken by one more backward."""
+        self._uses = {}
+        copies = [copy for _, copy in self._copies]
+        roots = [c for c in self._calls if not c.input_requires_grad]
+        inner = [c for c in self._calls if c.input_requires_grad]
+        hooks = []
+        try:
+            for call in inner:
+                hooks.append(call.edge.node.register_prehook(
+                    lambda grad_outputs, call=call: self._take(call, grad_outputs[call.edge.output_nr], parts)))
+            grads = torch.autograd.grad(losses.sum() * scale, [*copies, *[c.edge for c in roots]],
+                                        retain_graph=True, allow_unused=True) if copies or roots else ()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self._copy_grads = [torch.zeros_like(c) if g is None else g for c, g in zip(copies, grads)]
+        for call, grad in zip(roots, grads[len(copies):]):
+            self._take(call, grad, parts)
+        missed = [c for c in inner if not c.taken]
+        if missed:
+            for call, grad in zip(missed, torch.autograd.grad(losses.sum() * scale, [c.edge for c in missed],
+                                                              retain_graph=True, allow_unused=True)):
+                self._take(call, grad, parts)
+
+    def _take(self, call: _Call, grad: torch.Tensor | None, parts: list[torch.Tensor]) -> None:
+        """One call's per-sample gradients from its output gradient; a parameter whose last call this is adds its
+        squared norms to `parts`. A parameter with a call no layout proves this step, or disproven for the run, is
+        left out (batched estimator)."""
+        call.taken = True
+        params = _call_parameters(call)
+        if grad is not None and call.layout is not None:
+            call.grad = grad
+            try:
+                for key, found in self._rule_grads(call, call.layout).items():
+                    self._uses.setdefault(key, []).extend(found)
+            except Exception as err:  # noqa: BLE001 -- a rule that cannot take this call: batched, and said why
+                for p in params:
+                    self._disproven[id(p)] = f"its rule failed on this layer ({type(err).__name__}: {err})"
+            call.grad = None
+        for p in params:
+            key = id(p)
+            self._remaining[key] -= 1
+            if self._remaining[key] or key not in self._uses:
+                continue
+            if key in self._disproven or key in self._unproven:
+                del self._uses[key]
+                continue
+            value = _sq_norms_of_uses(self._uses[key])
+            if value is None:
+                del self._uses[key]
+                self._disproven[key] = "its uses' cross terms (a shared parameter) have no form within budget"
+            else:
+                parts.append(value)
 
     def _rule_grads(self, call: _Call, layout: str, samples: torch.Tensor | None = None) -> dict[int, list[_Use]]:
         """The call's per-sample gradients under `layout`, as uses per parameter id."""
@@ -427,26 +502,6 @@ class PerSampleGradients:
             value = value if isinstance(value, PerSampleGradient) else Dense.of_rows(value, b)
             uses.setdefault(id(param), []).append(_Use(value, start, rows))
         return uses
-
-    def _collect_uses(self) -> None:
-        """Every proven call's per-sample gradients, per parameter. A parameter with a call no layout proves this step,
-        or disproven for the run, is left out (batched estimator)."""
-        unproven, uses = set(), {}
-        for call in self._calls:
-            params = _call_parameters(call)
-            if call.layout is None:
-                unproven.update(id(p) for p in params)
-                continue
-            try:
-                found = self._rule_grads(call, call.layout)
-            except Exception as err:  # noqa: BLE001 -- a rule that cannot take this call: batched, and said why
-                for p in params:
-                    self._disproven[id(p)] = f"its rule failed on this layer ({type(err).__name__}: {err})"
-                continue
-            for key, found_uses in found.items():
-                uses.setdefault(key, []).extend(found_uses)
-        self._uses = {key: value for key, value in uses.items()
-                      if key not in unproven and key not in self._disproven}
 
     # ------------------------------------------------------------------------------------------- self-check
 
@@ -617,9 +672,9 @@ def _layout_combinations(group: list[_Call]) -> list[tuple[str, ...]]:
 
 
 def _sq_norms_of_uses(uses: list[_Use]) -> torch.Tensor | None:
-    """``||sum_u G_i^u||^2``: each use's squared norm and twice every cross term between uses of the same rows
-    (uses of disjoint row blocks are orthogonal); None where a cross term has no form or blocks overlap partly."""
-    total = sum(use.grad.sq_norms() for use in uses)
+    """``||sum_u G_i^u||^2``: twice every cross term between uses of the same rows (uses of disjoint row blocks are
+    orthogonal), then each use's squared norm; None where a cross term has no form or blocks overlap partly."""
+    total = 0
     for u, v in itertools.combinations(uses, 2):
         if (u.start, u.rows) != (v.start, v.rows):
             if u.start is None or v.start is None or not (u.start + u.rows <= v.start or v.start + v.rows <= u.start):
@@ -629,7 +684,7 @@ def _sq_norms_of_uses(uses: list[_Use]) -> torch.Tensor | None:
         if cross is None:
             return None
         total = total + 2 * cross
-    return total
+    return total + sum(use.grad.sq_norms() for use in uses)
 
 
 def _remove_hook(hooks: dict, fn) -> None:

@@ -162,7 +162,12 @@ class OuterProduct(PerSampleGradient):
         formed = self.formed()
         if formed.numel() <= KEEP_FORMED * self._operands_numel():
             self._kept = formed
+            self._release_operands()
         return _sq_norms(formed)
+
+    def _release_operands(self) -> None:
+        """Once the formed gradient is kept, the inputs and output gradients it came from are no longer needed."""
+        self.left = self.right = None
 
     def _ghost_sq_norms(self) -> torch.Tensor:
         left, right = self.left, self.right
@@ -282,6 +287,9 @@ class ConvWeight(OuterProduct):
 
     def _operands_numel(self) -> int:
         return self.x.numel() + self.g.numel()
+
+    def _release_operands(self) -> None:
+        self.x = self.g = self._pairs = None
 
     def _weight_gradient(self, x: torch.Tensor, g: torch.Tensor, groups: int) -> torch.Tensor:
         """The native weight-gradient kernel: ``grad_W`` of a convolution with input `x` and output gradient `g`."""
