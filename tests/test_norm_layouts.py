@@ -394,3 +394,28 @@ def test_a_forward_that_breaks_with_per_row_position_ids_runs_again_without_them
     per_sample.weighted_gradient(torch.full((4,), 0.25))
     with per_sample.recording(4):  # without the copies for the run: no second failure
         cross_entropy(model(ids), labels)
+
+
+class TimmSameConvs(nn.Module):
+    """timm's TF-"SAME" convolutions (`Conv2dSame`: padding computed from the input at run time) and a depthwise one."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import create_conv2d
+
+        self.stem = create_conv2d(3, 8, 3, stride=2, padding="same")
+        self.dw = create_conv2d(8, 8, 3, stride=2, padding="same", depthwise=True)
+        self.norm, self.head = nn.GroupNorm(2, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.norm(self.dw(torch.tanh(self.stem(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_timm_same_padding_and_depthwise_convolutions(b):
+    torch.manual_seed(0)
+    model = TimmSameConvs()
+    assert type(model.stem).__name__ == "Conv2dSame" and model.dw.groups == 8
+    x = torch.randn(b, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    labels = labels_for(b)
+    check(model, lambda m: cross_entropy(m(x), labels), b, covered=[n for n, _ in model.named_parameters()])
