@@ -3,12 +3,20 @@
 import contextlib
 import copy
 import math
+import os
+import random
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from hf_rwsam import RWSAMTrainer
+import hf_rwsam
+from hf_rwsam import RWSAMTrainer, SharpnessAwareStep, SharpnessSettings
+from hf_rwsam.sharpness import RNGReplay
 
 from utils import TinyCNN, TinyMLP, flat_params, make_images, make_tensors, sgd_config, tensor_dataset
 
@@ -223,3 +231,185 @@ def test_written_parameters_write_in_place_and_restore_bit_exactly(raises):
                 raise RuntimeError("descent failed")
     assert torch.equal(flat, before)
     assert len(writes) == 2 and torch.equal(writes[1], before)  # called after the write and after the restore
+
+
+# ---------------------------------------------------------------------------------------------- interrupts (Ctrl-C)
+
+PACKAGE = str(Path(hf_rwsam.__file__).resolve().parent) + os.sep
+
+
+class DrawsFromEveryGenerator(nn.Module):
+    """Consumes Python's and NumPy's random numbers too (as a data-augmenting model may), so that the sweep sees a
+    replay of those generators left unfinished."""
+
+    def forward(self, x):
+        random.random()
+        np.random.rand()
+        return x
+
+
+class SweepNet(nn.Module):
+    """A tiny Trainer-style model with dropout and BatchNorm (or, for the exact estimator's layer rules, LayerNorm)."""
+
+    def __init__(self, norm="batch"):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8) if norm == "batch" else nn.LayerNorm(8), nn.Tanh(),
+                                 nn.Dropout(0.25), DrawsFromEveryGenerator(), nn.Linear(8, 3))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+
+def sweep_loss(model, batch, return_outputs=False):
+    outputs = model(batch["x"], labels=batch["labels"])
+    return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+
+class LineTracer:
+    """`sys.settrace` function counting the line events inside hf_rwsam/ (calling `on_line(k)` at the k-th), or
+    raising KeyboardInterrupt at the `interrupt_at`-th, as a Ctrl-C landing just before that line would. Python stops
+    tracing once the tracer raises, so the restoring code then runs as it would after a real interrupt."""
+
+    def __init__(self, interrupt_at=None, on_line=None):
+        self.interrupt_at, self.on_line, self.count, self.where = interrupt_at, on_line, 0, None
+
+    def __call__(self, frame, event, arg):
+        return self.local if frame.f_code.co_filename.startswith(PACKAGE) else None
+
+    def local(self, frame, event, arg):
+        if event == "line":
+            if self.count == self.interrupt_at:
+                self.where = f"{frame.f_code.co_filename[len(PACKAGE):]}:{frame.f_lineno}"
+                raise KeyboardInterrupt
+            if self.on_line is not None:
+                self.on_line(self.count)
+            self.count += 1
+        return self.local
+
+
+def rng_states():
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def same_rng_states(a, b) -> bool:
+    (torch_a, python_a, numpy_a), (torch_b, python_b, numpy_b) = a, b
+    return (torch.equal(torch_a, torch_b) and python_a == python_b
+            and all(np.array_equal(u, v) for u, v in zip(numpy_a, numpy_b)))
+
+
+def seed_everything():
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+
+
+SWEEP_BATCH = (torch.randn(4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 1]))
+SWEEP_MODES = [
+    pytest.param("batch", dict(sam_mode="sam"), id="sam"),
+    pytest.param("batch", dict(sam_mode="sam", sam_adaptive=True), id="asam"),
+    pytest.param("batch", dict(sam_mode="msam", msam_micro_batch_size=2, msam_implementation="loop"), id="msam-loop"),
+    pytest.param("batch", dict(sam_mode="msam", msam_micro_batch_size=2, msam_implementation="vmap"), id="msam-vmap"),
+    pytest.param("batch", dict(sam_mode="rwsam", rwsam_num_probes=2), id="rwsam-fd"),
+    pytest.param("layer", dict(sam_mode="rwsam", rwsam_estimator="exact"), id="rwsam-exact", marks=pytest.mark.xfail(
+        strict=True, reason="ghost.py is being rewritten (issue 18)")),
+]
+
+
+def hooks(model):
+    return [(name, kind, list(getattr(module, kind))) for name, module in model.named_modules()
+            for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")]
+
+
+def batchnorm_flags(model):
+    return [m.track_running_stats for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+
+
+@pytest.mark.parametrize("norm,settings", SWEEP_MODES)
+def test_an_interrupt_at_any_line_of_the_step_leaves_the_model_as_it_was(monkeypatch, norm, settings):
+    """Ctrl-C at every line the step executes: one step counts the line events inside hf_rwsam/, then for each k a
+    fresh step on a fresh copy of the model is interrupted by a KeyboardInterrupt at the k-th. After each:
+
+    * every parameter is the same object, bit for bit as before and on its own storage (same data_ptr);
+    * BatchNorm's ``track_running_stats`` as before, its running statistics as the uninterrupted step had them at
+      that line (moved by the ascent forward if it ran, as a plain step interrupted there leaves them);
+    * no module hook left, gradients enabled, no torch.func transform left open;
+    * each generator (torch's, Python's, NumPy's) where the uninterrupted step had it at that line or, inside a
+      replay of the ascent's random numbers, where it was before the replay;
+    * and a full step then gives a fresh model's descent gradient, bit for bit.
+    """
+    template = SweepNet(norm).train()
+    x, y = SWEEP_BATCH
+    outside_replays = []  # the generators' states before each replay now open
+    real_replay = RNGReplay.replay
+
+    @contextlib.contextmanager
+    def replay(self):
+        outside_replays.append(rng_states())
+        try:
+            with real_replay(self):
+                yield
+        finally:
+            outside_replays.pop()
+
+    monkeypatch.setattr(RNGReplay, "replay", replay)
+
+    def step(model, tracer=None):
+        """A fresh step on `model`, from the same random numbers, under `tracer`."""
+        sharpness_step = SharpnessAwareStep(SharpnessSettings(**settings))
+        seed_everything()
+        previous = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            sharpness_step(model, {"x": x, "labels": y}, sweep_loss)
+        finally:
+            sys.settrace(previous)
+
+    def gradient_of_a_full_step(model):
+        model.zero_grad(set_to_none=True)
+        step(model)
+        return [p.grad.clone() for p in model.parameters()]
+
+    # the uninterrupted step: its line events, and what each one found
+    counted = copy.deepcopy(template)
+    found = []
+    counting = LineTracer(on_line=lambda k: found.append((
+        outside_replays[0] if outside_replays else rng_states(), [b.clone() for b in counted.buffers()])))
+    step(counted, counting)
+    lines = counting.count
+    assert lines > 100, f"only {lines} line events: is the tracer looking at hf_rwsam/?"
+    reference_gradient = gradient_of_a_full_step(copy.deepcopy(template))
+
+    failures = {}
+    for k in range(lines):
+        model = copy.deepcopy(template)
+        before = [(p, p.detach().clone(), p.data_ptr()) for p in model.parameters()]
+        flags, hooks_before = batchnorm_flags(model), hooks(model)
+        tracer = LineTracer(interrupt_at=k)
+        with pytest.raises(KeyboardInterrupt):
+            step(model, tracer)
+        problems = []
+        for (name, p), (q, value, pointer) in zip(model.named_parameters(), before):
+            if p is not q or not torch.equal(p.detach(), value) or p.data_ptr() != pointer:
+                problems.append(f"{name} is not x on its own storage")
+        if batchnorm_flags(model) != flags:
+            problems.append("track_running_stats changed")
+        rng_found, buffers_found = found[k]
+        if not all(torch.equal(b, e) for b, e in zip(model.buffers(), buffers_found)):
+            problems.append("running statistics differ from the uninterrupted step's at this line")
+        if hooks(model) != hooks_before:
+            problems.append("hooks left")
+        if not torch.is_grad_enabled():
+            problems.append("gradients left disabled")
+            torch.set_grad_enabled(True)
+        if torch._C._functorch.maybe_current_level() is not None:
+            problems.append("a torch.func transform left open")
+        if not same_rng_states(rng_states(), rng_found):
+            problems.append("a generator is not where the step had it")
+        if not problems and not all(torch.equal(g, r) for g, r in zip(gradient_of_a_full_step(model),
+                                                                       reference_gradient)):
+            problems.append("the next full step differs from a fresh model's")
+        if problems:
+            failures[f"line event {k} ({tracer.where})"] = problems
+    assert not failures, f"{len(failures)} of {lines} interrupted lines left the model changed:\n" + "\n".join(
+        f"{where}: {', '.join(problems)}" for where, problems in failures.items())

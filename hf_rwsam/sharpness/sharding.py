@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .perturb import global_norm, swapped_parameters, written_parameters
+from .state import restored
 
 try:
     from torch.distributed.tensor import DTensor
@@ -123,14 +124,16 @@ class ShardedParameters:
     def gradient(self, objective: torch.Tensor) -> list[torch.Tensor]:
         """This process's shard of ``grad(objective)`` averaged over processes."""
         kept = [p.grad for p in self.params]
-        for p in self.params:
-            p.grad = None
-        try:
-            objective.backward()
-            return [torch.zeros_like(t) if p.grad is None else p.grad.to_local() for p, t in zip(self.params, self.tensors)]
-        finally:
+
+        def put_back():
             for p, grad in zip(self.params, kept):
                 p.grad = grad
+
+        with restored(put_back):
+            for p in self.params:
+                p.grad = None
+            objective.backward()
+            return [torch.zeros_like(t) if p.grad is None else p.grad.to_local() for p, t in zip(self.params, self.tensors)]
 
     def norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return self._reduce_sum(global_norm(tensors).square()).sqrt()

@@ -55,7 +55,7 @@ from .reweight import (
 )
 from .settings import SharpnessSettings
 from .sharding import sharded_step_problems
-from .state import RNGReplay, frozen_running_stats, running_stat_modules
+from .state import RNGReplay, frozen_running_stats, restored, running_stat_modules
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +177,13 @@ class SharpnessAwareStep:
         mode = self.settings.sam_mode
         if mode == "none":
             return descent(inputs, 1)
-        if mode == "msam":
-            return self._msam_step(model, inputs, loss_fn, descent, msam_vmap_unavailable)
-        return self._sam_step(model, inputs, loss_fn, descent, noisy=noisy, reference_loss_fn=reference_loss_fn)
+        grad_enabled = torch.is_grad_enabled()
+        # Python cannot keep an interrupt from landing between a `with torch.no_grad():` block and the call that ends
+        # it (PEP 419), which would leave gradients off for good: the mode is put back as the step found it.
+        with restored(lambda: torch.set_grad_enabled(grad_enabled)):
+            if mode == "msam":
+                return self._msam_step(model, inputs, loss_fn, descent, msam_vmap_unavailable)
+            return self._sam_step(model, inputs, loss_fn, descent, noisy=noisy, reference_loss_fn=reference_loss_fn)
 
     def pop_metrics(self) -> dict[str, torch.Tensor]:
         """The diagnostics averaged over the steps since the last call (device tensors, this process only)."""
