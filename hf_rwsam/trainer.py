@@ -37,6 +37,7 @@ from .config import RWSAMConfig, check_trainer_setup, check_training_arguments
 from .data import label_noise_info
 from .losses import PerSampleLossFunc, per_sample_loss
 from .sharpness import AccelerateHost, SharpnessAwareStep, SharpnessSettings
+from .sharpness.state import restored
 
 logger = logging.get_logger(__name__)
 
@@ -155,17 +156,19 @@ class SharpnessAwareMixin:
         steps = self.current_gradient_accumulation_steps
         # A loss the Trainer takes as normalised over the accumulation window is not divided by its steps: an m-SAM
         # group's share then comes from num_items_in_batch if the loss divides by it, else from dividing by `share`
-        if share > 1 and self._scaled_for_accumulation(num_items_in_batch) and \
-                not self._counts_items(model, inputs, num_items_in_batch):
-            self._descent_share = share
-        self.current_gradient_accumulation_steps = steps * share
-        self._recorded_losses = []
-        try:
-            reported.append(super().training_step(model, inputs, num_items_in_batch))
-            perturbed.append(self._recorded_losses[-1])
-        finally:
+        divide_by_share = share > 1 and self._scaled_for_accumulation(num_items_in_batch) and \
+            not self._counts_items(model, inputs, num_items_in_batch)
+
+        def restore():
             self.current_gradient_accumulation_steps = steps
             self._recorded_losses, self._descent_share = None, 1
+
+        with restored(restore):
+            self._descent_share = share if divide_by_share else 1
+            self.current_gradient_accumulation_steps = steps * share
+            self._recorded_losses = []
+            reported.append(super().training_step(model, inputs, num_items_in_batch))
+            perturbed.append(self._recorded_losses[-1])
         return perturbed[-1]
 
     def _scaled_for_accumulation(self, num_items_in_batch) -> bool:
@@ -182,11 +185,9 @@ class SharpnessAwareMixin:
             if num_items_in_batch is None:
                 return False
             was_training = model.training
-            model.eval()  # no dropout, no statistics: the two evaluations differ only by num_items_in_batch
-            try:
+            with restored(lambda: model.train(was_training)):
+                model.eval()  # no dropout, no statistics: the two evaluations differ only by num_items_in_batch
                 once, twice = (self._objective(n)(model, inputs) for n in (num_items_in_batch, 2 * num_items_in_batch))
-            finally:
-                model.train(was_training)
             self._loss_counts_items = bool(torch.isclose(once.float(), 2 * twice.float(), rtol=1e-3))
         return self._loss_counts_items
 
@@ -205,11 +206,13 @@ class SharpnessAwareMixin:
     @contextlib.contextmanager
     def _side_effects_discarded(self):
         kept = {name: copy.deepcopy(vars(self)[name]) for name in self.sam_side_effect_attributes if name in vars(self)}
-        try:
-            yield
-        finally:
+
+        def restore():
             for name, value in kept.items():
                 setattr(self, name, value)
+
+        with restored(restore):
+            yield
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the step's diagnostics to training logs, each averaged over the steps since the previous log and over

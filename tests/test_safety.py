@@ -16,7 +16,7 @@ from torch import nn
 
 import hf_rwsam
 from hf_rwsam import RWSAMTrainer, SharpnessAwareStep, SharpnessSettings
-from hf_rwsam.sharpness import RNGReplay
+from hf_rwsam.sharpness import AccelerateHost, RNGReplay
 
 from utils import TinyCNN, TinyMLP, flat_params, make_images, make_tensors, sgd_config, tensor_dataset
 
@@ -325,21 +325,9 @@ def batchnorm_flags(model):
     return [m.track_running_stats for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
 
 
-@pytest.mark.parametrize("norm,settings", SWEEP_MODES)
-def test_an_interrupt_at_any_line_of_the_step_leaves_the_model_as_it_was(monkeypatch, norm, settings):
-    """Ctrl-C at every line the step executes: one step counts the line events inside hf_rwsam/, then for each k a
-    fresh step on a fresh copy of the model is interrupted by a KeyboardInterrupt at the k-th. After each:
-
-    * every parameter is the same object, bit for bit as before and on its own storage (same data_ptr);
-    * BatchNorm's ``track_running_stats`` as before, its running statistics as the uninterrupted step had them at
-      that line (moved by the ascent forward if it ran, as a plain step interrupted there leaves them);
-    * no module hook left, gradients enabled, no torch.func transform left open;
-    * each generator (torch's, Python's, NumPy's) where the uninterrupted step had it at that line or, inside a
-      replay of the ascent's random numbers, where it was before the replay;
-    * and a full step then gives a fresh model's descent gradient, bit for bit.
-    """
-    template = SweepNet(norm).train()
-    x, y = SWEEP_BATCH
+def interrupt_sweep(monkeypatch, template, step, state=lambda: None):
+    """The failures of the sweep: `step(model, tracer)` runs one step from the same random numbers on `model` (a fresh
+    copy of `template`) under `tracer`; `state()` is whatever else must be as before (a trainer's attributes)."""
     outside_replays = []  # the generators' states before each replay now open
     real_replay = RNGReplay.replay
 
@@ -354,20 +342,9 @@ def test_an_interrupt_at_any_line_of_the_step_leaves_the_model_as_it_was(monkeyp
 
     monkeypatch.setattr(RNGReplay, "replay", replay)
 
-    def step(model, tracer=None):
-        """A fresh step on `model`, from the same random numbers, under `tracer`."""
-        sharpness_step = SharpnessAwareStep(SharpnessSettings(**settings))
-        seed_everything()
-        previous = sys.gettrace()
-        sys.settrace(tracer)
-        try:
-            sharpness_step(model, {"x": x, "labels": y}, sweep_loss)
-        finally:
-            sys.settrace(previous)
-
     def gradient_of_a_full_step(model):
         model.zero_grad(set_to_none=True)
-        step(model)
+        step(model, None)
         return [p.grad.clone() for p in model.parameters()]
 
     # the uninterrupted step: its line events, and what each one found
@@ -379,6 +356,7 @@ def test_an_interrupt_at_any_line_of_the_step_leaves_the_model_as_it_was(monkeyp
     lines = counting.count
     assert lines > 100, f"only {lines} line events: is the tracer looking at hf_rwsam/?"
     reference_gradient = gradient_of_a_full_step(copy.deepcopy(template))
+    state_before = state()
 
     failures = {}
     for k in range(lines):
@@ -406,6 +384,8 @@ def test_an_interrupt_at_any_line_of_the_step_leaves_the_model_as_it_was(monkeyp
             problems.append("a torch.func transform left open")
         if not same_rng_states(rng_states(), rng_found):
             problems.append("a generator is not where the step had it")
+        if state() != state_before:
+            problems.append(f"{state()} where it was {state_before}")
         if not problems and not all(torch.equal(g, r) for g, r in zip(gradient_of_a_full_step(model),
                                                                        reference_gradient)):
             problems.append("the next full step differs from a fresh model's")
@@ -413,3 +393,57 @@ def test_an_interrupt_at_any_line_of_the_step_leaves_the_model_as_it_was(monkeyp
             failures[f"line event {k} ({tracer.where})"] = problems
     assert not failures, f"{len(failures)} of {lines} interrupted lines left the model changed:\n" + "\n".join(
         f"{where}: {', '.join(problems)}" for where, problems in failures.items())
+
+
+def traced(tracer, call):
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        return call()
+    finally:
+        sys.settrace(previous)
+
+
+@pytest.mark.parametrize("norm,settings", SWEEP_MODES)
+def test_an_interrupt_at_any_line_of_the_step_leaves_the_model_as_it_was(monkeypatch, norm, settings):
+    """Ctrl-C at every line the step executes: one step counts the line events inside hf_rwsam/, then for each k a
+    fresh step on a fresh copy of the model is interrupted by a KeyboardInterrupt at the k-th. After each:
+
+    * every parameter is the same object, bit for bit as before and on its own storage (same data_ptr);
+    * BatchNorm's ``track_running_stats`` as before, its running statistics as the uninterrupted step had them at
+      that line (moved by the ascent forward if it ran, as a plain step interrupted there leaves them);
+    * no module hook left, gradients enabled, no torch.func transform left open;
+    * each generator (torch's, Python's, NumPy's) where the uninterrupted step had it at that line or, inside a
+      replay of the ascent's random numbers, where it was before the replay;
+    * and a full step then gives a fresh model's descent gradient, bit for bit.
+    """
+    x, y = SWEEP_BATCH
+
+    def step(model, tracer):
+        sharpness_step = SharpnessAwareStep(SharpnessSettings(**settings))
+        seed_everything()
+        traced(tracer, lambda: sharpness_step(model, {"x": x, "labels": y}, sweep_loss))
+
+    interrupt_sweep(monkeypatch, SweepNet(norm).train(), step)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(sam_mode="msam", msam_micro_batch_size=2, msam_implementation="loop"), dict(sam_mode="rwsam"),
+], ids=["msam-loop", "rwsam-fd"])
+def test_an_interrupt_at_any_line_of_the_trainers_step_leaves_model_and_trainer_as_they_were(
+        tmp_path, monkeypatch, settings):
+    """The same sweep through `RWSAMTrainer.training_step` (its descent scales the accumulation steps for m-SAM's
+    groups while the Trainer's own step runs): the trainer's attributes are also as before."""
+    x, y = SWEEP_BATCH
+    template = SweepNet().train()
+    trainer = RWSAMTrainer(model=copy.deepcopy(template),
+                           args=sgd_config(tmp_path, per_device_train_batch_size=4, **settings))
+
+    def step(model, tracer):  # on a fresh trainer state: `train()` sets the accumulation steps
+        trainer.current_gradient_accumulation_steps, trainer._recorded_losses, trainer._descent_share = 1, None, 1
+        trainer.sharpness_step = SharpnessAwareStep(trainer.args, AccelerateHost(trainer.accelerator))
+        seed_everything()
+        traced(tracer, lambda: trainer.training_step(model, {"x": x, "labels": y}))
+
+    interrupt_sweep(monkeypatch, template, step, lambda: (
+        trainer.current_gradient_accumulation_steps, trainer._recorded_losses, trainer._descent_share))
