@@ -48,7 +48,8 @@ class SharpnessAwareMixin:
     ``class MyTrainer(SharpnessAwareMixin, SomeTrainer)``: `training_step` runs a `SharpnessAwareStep` whose
     objective is the trainer's `compute_loss` and whose descent is the trainer's own `training_step`; `log` adds the
     step's diagnostics. The arguments must carry the `SharpnessSettings`: an `RWSAMConfig`, or the trainer's own
-    configuration class combined with them.
+    configuration class combined with them. Saves write ``x``, also when made during the step (a signal handler's, a
+    callback's in the descent): `save_model`, `_save` and `_save_checkpoint` hold the parameters at ``x`` meanwhile.
 
     Args:
         per_sample_loss_func (`Callable`, *optional*):
@@ -225,6 +226,21 @@ class SharpnessAwareMixin:
             for name, value in metrics.items():
                 logs[name] = self.accelerator.reduce(value.to(self.args.device).float(), reduction="mean").item()
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ saves write x, also from inside a step
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The trainer's; made during a step (a signal handler's save, a callback's), it writes ``x``, not ``x + e``."""
+        with self.sharpness_step.original_parameters():
+            super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        with self.sharpness_step.original_parameters():
+            super()._save(output_dir, state_dict)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        with self.sharpness_step.original_parameters():
+            super()._save_checkpoint(model, trial)
 
     # ------------------------------------------------------------------ the noise column never reaches the model
 

@@ -5,6 +5,7 @@ import copy
 import math
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import TrainerCallback
 
 import hf_rwsam
 from hf_rwsam import RWSAMTrainer, SharpnessAwareStep, SharpnessSettings
@@ -447,3 +449,65 @@ def test_an_interrupt_at_any_line_of_the_trainers_step_leaves_model_and_trainer_
 
     interrupt_sweep(monkeypatch, template, step, lambda: (
         trainer.current_gradient_accumulation_steps, trainer._recorded_losses, trainer._descent_share))
+
+
+# ------------------------------------------------------------------------------------------ saves during the step
+
+
+class SavesWhilePerturbed(TrainerCallback):
+    """Keeps ``x`` as each step begins; a forward hook on the model then saves whenever a forward runs away from ``x``
+    (RW-SAM's probes at ``x + h u``, the descent at ``x + e``), directly or from a SIGUSR1 handler."""
+
+    def __init__(self, folder, by_signal):
+        self.folder, self.by_signal, self.x, self.saves, self.trainer = folder, by_signal, None, [], None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.x = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def save(self, *args):
+        folder = str(self.folder / f"save-{len(self.saves)}")
+        self.saves.append((folder, self.x))
+        self.trainer.save_model(folder)
+
+    def forward_hook(self, module, args, output):
+        if self.x is not None and not all(torch.equal(p, self.x[n]) for n, p in module.named_parameters()):
+            if self.by_signal:
+                signal.raise_signal(signal.SIGUSR1)  # the handler runs before the next line of this hook
+            else:
+                self.save()
+
+
+@pytest.mark.parametrize("by_signal", [False, True], ids=["from-the-descent", "from-a-signal-handler"])
+@pytest.mark.parametrize("mode", ["sam", "rwsam"])
+def test_a_save_made_during_the_step_writes_x_and_training_goes_on_unaffected(tmp_path, mode, by_signal):
+    from safetensors.torch import load_file
+
+    x, y = make_tensors(16)
+
+    def train(saver=None):
+        torch.manual_seed(0)
+        model = TinyMLP(dropout=0.2)
+        trainer = RWSAMTrainer(model=model, args=sgd_config(tmp_path / "out", sam_mode=mode, rwsam_num_probes=2,
+                                                            max_steps=3), train_dataset=tensor_dataset(x, y))
+        if saver is not None:
+            saver.trainer = trainer
+            trainer.add_callback(saver)
+            model.register_forward_hook(saver.forward_hook)
+        trainer.train()
+        return model
+
+    saver = SavesWhilePerturbed(tmp_path, by_signal)
+    if by_signal:
+        previous = signal.signal(signal.SIGUSR1, saver.save)
+    try:
+        saving = train(saver)
+    finally:
+        if by_signal:
+            signal.signal(signal.SIGUSR1, previous)
+    # every step saved once per forward away from x: the descent, and RW-SAM's two probes
+    assert len(saver.saves) == 3 * (1 if mode == "sam" else 3), len(saver.saves)
+    for folder, x_then in saver.saves:
+        saved = load_file(str(Path(folder) / "model.safetensors"))
+        for name, value in x_then.items():
+            assert torch.equal(saved[name], value), f"{folder}: {name} is not x"
+    assert torch.equal(flat_params(saving), flat_params(train())), "a save during the step changed the training"

@@ -228,3 +228,38 @@ def test_unwrap_looks_through_ddp_and_compile_only():
     model = HasModuleAttribute()
     assert TorchHost().unwrap(model) is model
     assert TorchHost().unwrap(torch.compile(model)) is model
+
+
+def test_original_parameters_hold_x_during_the_descent_which_then_goes_on_at_x_plus_e():
+    """`original_parameters()` inside the step (what the Trainer's saves use) puts x back on its own storage for the
+    block, then x + e again: the descent's gradient is the one of a step without it, bit for bit."""
+    x, y = make_tensors(8, seed=7)
+    batch = {"x": x, "labels": y}
+    settings = SharpnessSettings(sam_mode="sam", sam_rho=0.3)
+
+    def gradient(hold_x):
+        model = _model()
+        at_x = [(p.detach().clone(), p.data_ptr()) for p in model.parameters()]
+        step = SharpnessAwareStep(settings)
+        seen = {}
+
+        def descent(inputs, share, loss=None):
+            seen["perturbed"] = flat_params(model)
+            if hold_x:
+                with step.original_parameters():
+                    seen["inside"] = [(p.detach().clone(), p.data_ptr()) for p in model.parameters()]
+                seen["after"] = flat_params(model)
+            loss = loss_fn(model, inputs)
+            loss.backward()
+            return loss.detach()
+
+        with step.original_parameters():  # outside a step: nothing to put back
+            assert all(torch.equal(p, v) and p.data_ptr() == ptr for p, (v, ptr) in zip(model.parameters(), at_x))
+        step(model, batch, loss_fn, descent)
+        if hold_x:
+            assert not torch.equal(seen["perturbed"], torch.cat([v.reshape(-1) for v, _ in at_x]))  # x + e there
+            assert all(torch.equal(v, w) and ptr == q for (v, ptr), (w, q) in zip(seen["inside"], at_x))
+            assert torch.equal(seen["after"], seen["perturbed"])
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    assert torch.equal(gradient(hold_x=True), gradient(hold_x=False))

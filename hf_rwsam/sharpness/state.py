@@ -40,13 +40,16 @@ def restored(restore: Callable[[], None]) -> Iterator[None]:
     between a ``with`` block's last line and its ``__exit__`` skips the exit; a generator's block like this one is then
     closed as the interrupt unwinds the frame holding it, which runs `restore` all the same.
     """
+    finished = False
     try:
         try:
             yield
         finally:
             restore()
+            finished = True
     except BaseException:
-        restore()
+        if not finished:  # the interrupt landed in `restore`
+            restore()
         raise
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import defaultdict
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -100,7 +100,8 @@ class SharpnessAwareStep:
         seed (`int`): seeds RW-SAM's probes with the step index and the process rank.
 
     Call it as ``step(model, inputs, loss_fn, descent=None, *, global_step=None, reference_loss_fn=None)``: see
-    `__call__`. `pop_metrics` returns the diagnostics averaged since the last call.
+    `__call__`. `pop_metrics` returns the diagnostics averaged since the last call. A save made during a step (from a
+    signal handler, or a callback in the descent) goes inside ``with step.original_parameters():`` to write ``x``.
     """
 
     def __init__(
@@ -129,6 +130,7 @@ class SharpnessAwareStep:
         self._step_index = (-1, 0)  # (global step, micro-step within it), seeds the probes
         self._calls = 0
         self._directions = RademacherDirections()  # the probes' buffers, kept from step to step
+        self._parameters_in_step = None  # the parameters while a step may hold them away from x
         if settings.sam_mode == "msam" and settings.msam_implementation == "vmap" and self.host.num_processes > 1:
             raise settings.refuse(
                 "msam_implementation", "vmap", "it bypasses the DDP forward, so it runs on one process only; choose "
@@ -178,12 +180,26 @@ class SharpnessAwareStep:
         if mode == "none":
             return descent(inputs, 1)
         grad_enabled = torch.is_grad_enabled()
-        # Python cannot keep an interrupt from landing between a `with torch.no_grad():` block and the call that ends
-        # it (PEP 419), which would leave gradients off for good: the mode is put back as the step found it.
-        with restored(lambda: torch.set_grad_enabled(grad_enabled)):
+
+        def restore():
+            self._parameters_in_step = None
+            # Python cannot keep an interrupt from landing between a `with torch.no_grad():` block and the call that
+            # ends it (PEP 419), which would leave gradients off for good: the mode is put back as the step found it.
+            torch.set_grad_enabled(grad_enabled)
+
+        with restored(restore):
             if mode == "msam":
                 return self._msam_step(model, inputs, loss_fn, descent, msam_vmap_unavailable)
             return self._sam_step(model, inputs, loss_fn, descent, noisy=noisy, reference_loss_fn=reference_loss_fn)
+
+    @contextlib.contextmanager
+    def original_parameters(self) -> Iterator[None]:
+        """The parameters hold ``x`` inside the block, also while the step holds them elsewhere (``x + e`` during the
+        descent, ``x + h u`` during RW-SAM's probes), and what they held before after it: a save made during the step
+        (a signal handler's, a callback's in the descent) writes ``x``. Outside a step it changes nothing."""
+        params = self._parameters_in_step
+        with contextlib.nullcontext() if params is None else params.original_values():
+            yield
 
     def pop_metrics(self) -> dict[str, torch.Tensor]:
         """The diagnostics averaged over the steps since the last call (device tensors, this process only)."""
@@ -192,7 +208,7 @@ class SharpnessAwareStep:
     def _sam_step(self, model, inputs, loss_fn, descent, share=1, noisy=None, reference_loss_fn=None):
         """One SAM / ASAM / RW-SAM step on `inputs`, whose descent counts for ``1 / share`` of the step."""
         s = self.settings
-        params = self.host.parameters(model)
+        params = self._parameters_in_step = self.host.parameters(model)  # what `original_parameters` puts back at x
         if params.sharded and not self._sharding_checked:
             problems = sharded_step_problems(s)
             if problems:
