@@ -263,3 +263,33 @@ def test_original_parameters_hold_x_during_the_descent_which_then_goes_on_at_x_p
         return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
     assert torch.equal(gradient(hold_x=True), gradient(hold_x=False))
+
+
+def test_an_fd_step_fp32_cannot_resolve_for_this_model_is_refused_on_the_first_step():
+    """h = u ||x|| / 2 (u = 2^-24) passes construction (h >= 2^-24) but moves a weight of the model's typical size by
+    less than fp32 resolves: the first step refuses it by name, parameters untouched. The refusal is no formality:
+    against exact per-sample norms (a loop of backward calls) fd at that h is off by more than 100%, at the default h
+    by the sampling floor only (~6% with 64 probes)."""
+    from hf_rwsam import sample_grad_norms
+
+    from test_rwsam import loop_grad_norms, per_sample_ce
+
+    x, y = make_tensors(16, seed=5)
+    model = _model()
+    before = flat_params(model)
+    h = 2.0**-24 * float(before.norm()) / 2
+    step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam", rwsam_fd_step=h))  # constructs: h > 2^-24
+    with pytest.raises(ValueError, match=r"SharpnessSettings\.rwsam_fd_step=.* cannot resolve .* choose h >= "):
+        step(model, {"x": x, "labels": y}, loss_fn)
+    assert torch.equal(flat_params(model), before) and all(p.grad is None for p in model.parameters())
+
+    exact = loop_grad_norms(model, x, y)
+
+    def fd_error(fd_step):
+        fd = sample_grad_norms(model, {"x": x, "labels": y}, per_sample_ce, method="fd", num_probes=64,
+                               fd_step=fd_step, generator=torch.Generator().manual_seed(0))
+        return float(((fd - exact).abs() / exact).mean())
+
+    assert fd_error(h) > 1.0
+    assert fd_error(None) < 0.1
+    SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam"))(model, {"x": x, "labels": y}, loss_fn)  # the default runs

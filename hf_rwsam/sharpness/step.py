@@ -47,6 +47,7 @@ from .perturb import perturbed, sam_perturbation
 from .ghost import PerSampleGradients
 from .reweight import (
     RademacherDirections,
+    default_fd_step,
     effective_sample_size,
     fd_norms,
     fd_probe_losses,
@@ -127,6 +128,7 @@ class SharpnessAwareStep:
         self._warned_batched_norms = False
         self._sharding_checked = False
         self._warned_low_precision_probes = False
+        self._fd_step_checked = False
         self._step_index = (-1, 0)  # (global step, micro-step within it), seeds the probes
         self._calls = 0
         self._directions = RademacherDirections()  # the probes' buffers, kept from step to step
@@ -254,6 +256,8 @@ class SharpnessAwareStep:
                     "(mixed precision through autocast) or use rwsam_estimator='exact'."
                 )
                 self._warned_low_precision_probes = True
+            if not self._fd_step_checked:
+                self._check_fd_step(params)
             probe_losses = self._probe_function(model, inputs, loss_fn, rng, bn_modules)
             probes = fd_probe_losses(probe_losses, params.tensors, s.rwsam_num_probes, s.rwsam_fd_step,
                                      self._probe_generator(params.tensors[0].device), num_coordinates=params.numel,
@@ -286,6 +290,28 @@ class SharpnessAwareStep:
         if exact:
             return value, per_sample.weighted_gradient(weights)
         return value, params.gradient(self._scaled((weights * losses).sum()))
+
+    def _check_fd_step(self, params) -> None:
+        """Refuses, once, a finite-difference step the parameters' precision cannot resolve. A probe moves every
+        coordinate by ``h / sqrt(d)``, and a weight of the typical (root-mean-square) size ``||x|| / sqrt(d)`` moves by
+        that only if the move is at least ``u`` times the weight (``u``: the unit roundoff, 2^-24 in fp32; a shorter
+        move rounds to nothing or to a whole spacing): ``h >= u ||x||`` (`SharpnessSettings.rwsam_fd_step`)."""
+        s = self.settings
+        h = default_fd_step(params.numel) if s.rwsam_fd_step is None else s.rwsam_fd_step
+        dtype = max((t.dtype for t in params.tensors), key=lambda dt: torch.finfo(dt).eps)
+        u = torch.finfo(dtype).eps / 2
+        with torch.no_grad():
+            norm = float(params.norm(params.tensors))
+        if h < u * norm:
+            raise s.refuse(
+                "rwsam_fd_step", s.rwsam_fd_step,
+                f"the probes' step h = {h:.3g}{' (the default 1e-3 * sqrt(d))' if s.rwsam_fd_step is None else ''} "
+                f"moves each of the d = {params.numel} coordinates by h / sqrt(d) = {h / params.numel ** 0.5:.3g}, "
+                f"which {dtype} cannot resolve for weights of typical size ||x|| / sqrt(d) = "
+                f"{norm / params.numel ** 0.5:.3g} (a move shorter than {u:.3g} times a weight rounds to nothing or to "
+                f"a whole spacing); choose h >= {u:.3g} * ||x|| = {u * norm:.3g}"
+            )
+        self._fd_step_checked = True
 
     def _per_sample_gradients(self, model, params, b) -> PerSampleGradients:
         """The exact estimator's pass over `model`'s layers; says once which parameters it takes by batched backward."""
