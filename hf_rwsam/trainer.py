@@ -22,6 +22,7 @@ import contextlib
 import copy
 import functools
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -318,7 +319,13 @@ class RWSAMTrainer(SharpnessAwareMixin, Trainer):
             **card_data,
         )
         # Written aside and renamed into place: an upload reading the folder sees the old card or the new one, never
-        # half of one (the Trainer's uploads ignore names starting with "_").
-        staging = Path(folder, "_README.md.tmp")
-        staging.write_text(card, encoding="utf-8")
-        os.replace(staging, Path(folder, "README.md"))
+        # half of one (the Trainer's uploads ignore names starting with "_"). The name is this write's own, so that two
+        # writers of one folder (two trainers, a save from a signal handler) do not move each other's file; opened
+        # exclusively rather than by `tempfile`, so that the card gets the umask's permissions, not 0600.
+        staging = Path(folder, f"_README.md.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(staging, "x", encoding="utf-8") as f:
+                f.write(card)
+            os.replace(staging, Path(folder, "README.md"))
+        finally:
+            staging.unlink(missing_ok=True)  # after a failed write (after a rename, it is gone already)
