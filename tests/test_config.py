@@ -245,3 +245,20 @@ def test_msam_refuses_at_construction_a_last_batch_that_does_not_split_into_grou
                       dataloader_drop_last=True, max_steps=1)
     torch.manual_seed(0)
     RWSAMTrainer(model=TinyMLP(), args=args, train_dataset=tensor_dataset(x, y)).train()  # drop_last: accepted
+
+
+@pytest.mark.parametrize("mode, batch, warned", [("rwsam", 1, True), ("rwsam", 2, False), ("sam", 1, False)])
+def test_rwsam_on_one_sample_per_device_says_it_is_sam_at_construction(tmp_path, mode, batch, warned):
+    """The Gibbs weights of one sample are 1 whatever its gradient norm: RW-SAM at per_device_train_batch_size=1
+    (device scope, or one process) is SAM, and the trainer says so when it is built."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    from hf_rwsam import RWSAMTrainer
+    from utils import TinyMLP, make_tensors, sgd_config, tensor_dataset
+
+    x, y = make_tensors(4)
+    with CaptureLogger(logging.get_logger("hf_rwsam.config")) as captured:
+        RWSAMTrainer(model=TinyMLP(), args=sgd_config(tmp_path, sam_mode=mode, per_device_train_batch_size=batch),
+                     train_dataset=tensor_dataset(x, y))
+    assert ("per_device_train_batch_size=1 is SAM" in captured.out) is warned, captured.out

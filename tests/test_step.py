@@ -293,3 +293,34 @@ def test_an_fd_step_fp32_cannot_resolve_for_this_model_is_refused_on_the_first_s
     assert fd_error(h) > 1.0
     assert fd_error(None) < 0.1
     SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam"))(model, {"x": x, "labels": y}, loss_fn)  # the default runs
+
+
+@pytest.mark.parametrize("settings", [dict(sam_mode="sam"), dict(sam_mode="rwsam"),
+                                      dict(sam_mode="msam", msam_micro_batch_size=2, msam_implementation="vmap")],
+                         ids=["sam", "rwsam", "msam-vmap"])
+def test_a_model_with_every_parameter_frozen_is_refused_by_name(settings):
+    """It failed inside autograd ("`inputs` to grad() cannot be empty"), or as "torch.func cannot run" for the vmap."""
+    x, y = make_tensors(8)
+    model = _model().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"TinyMLP has no trainable parameters \(all 4 have requires_grad=False\)"):
+        SharpnessAwareStep(SharpnessSettings(**settings))(model, {"x": x, "labels": y}, loss_fn)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "vmap"])
+def test_the_users_error_on_the_first_vmap_step_is_reported_as_the_users(implementation):
+    """A loss that raises is the user's error, raised as it came: not reported as "torch.func cannot run" (which,
+    under "auto", also switched the vmap off for good)."""
+    x, y = make_tensors(8)
+
+    def broken_loss(model, batch, return_outputs=False):
+        raise KeyError("the user's loss reads a column the batch does not have")
+
+    step = SharpnessAwareStep(SharpnessSettings(sam_mode="msam", msam_micro_batch_size=2,
+                                                msam_implementation=implementation))
+    model = _model()
+    before = flat_params(model)
+    with pytest.raises(KeyError, match="the user's loss reads a column") as info:
+        step(model, {"x": x, "labels": y}, broken_loss)
+    assert "torch.func" not in str(info.value) and info.value.__suppress_context__
+    assert step._msam_vmap_ok is None  # undecided: the next step tries the vmap again
+    assert torch.equal(flat_params(model), before) and all(p.grad is None for p in model.parameters())

@@ -47,6 +47,18 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def require_trainable_parameters(model: nn.Module) -> None:
+    """A sharpness-aware step perturbs and trains the parameters with ``requires_grad``: a model with none is refused
+    by name (rather than failing inside autograd with "`inputs` to grad() cannot be empty")."""
+    if not any(p.requires_grad for p in model.parameters()):
+        count = sum(1 for _ in model.parameters())
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (all {count} have requires_grad=False): a "
+            "sharpness-aware step perturbs and trains the trainable ones. Unfreeze what should train "
+            "(`requires_grad_(True)`), or check that the trainable layers (a new head, PEFT adapters) were added."
+        )
+
+
 def is_sharded(params) -> bool:
     return any(isinstance(p, DTensor) for p in params)
 

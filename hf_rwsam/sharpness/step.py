@@ -55,7 +55,7 @@ from .reweight import (
     rademacher_seed,
 )
 from .settings import SharpnessSettings
-from .sharding import sharded_step_problems
+from .sharding import require_trainable_parameters, sharded_step_problems
 from .state import RNGReplay, frozen_running_stats, restored, running_stat_modules
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ class SharpnessAwareStep:
         mode = self.settings.sam_mode
         if mode == "none":
             return descent(inputs, 1)
+        require_trainable_parameters(model)
         grad_enabled = torch.is_grad_enabled()
 
         def restore():
@@ -383,6 +384,7 @@ class SharpnessAwareStep:
         except Exception as err:  # noqa: BLE001 -- any failure of torch.func on this model means "use the loop"
             if self._msam_vmap_ok:
                 raise
+            self._raise_the_loss_own_error(model, inputs, loss_fn, k)
             if explicit:
                 raise ValueError(
                     f"{type(s).__name__}.msam_implementation='vmap': torch.func cannot run "
@@ -403,6 +405,17 @@ class SharpnessAwareStep:
         clean = result.clean_losses.mean()
         self._metrics.add("sam/sharpness", perturbed_loss.detach().float() - clean.float())
         return clean
+
+    def _raise_the_loss_own_error(self, model, inputs, loss_fn, k) -> None:
+        """After the vmap m-SAM failed on its first step: runs `loss_fn` once plainly on the first group (no gradient,
+        BatchNorm statistics frozen, the random numbers replayed), and if it raises there too, raises that error, the
+        loss's own (the user's code), rather than reporting that torch.func cannot run the model."""
+        rng = RNGReplay({p.device for p in model.parameters()})
+        try:
+            with torch.no_grad(), rng.replay(), frozen_running_stats(running_stat_modules(model)):
+                loss_fn(model, split_batch(inputs, k)[0])
+        except Exception as own:  # noqa: BLE001 -- whatever it is, it is the loss's, and it goes on as it came
+            raise own from None
 
     def _use_msam_vmap(self, model, k, unavailable=None) -> bool:
         impl = self.settings.msam_implementation
