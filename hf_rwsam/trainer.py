@@ -55,8 +55,8 @@ class SharpnessAwareMixin:
     Args:
         per_sample_loss_func (`Callable`, *optional*):
             ``(outputs, labels) -> Tensor[b]`` of per-sample losses, whose mean is the loss, for RW-SAM. By default
-            they follow ``model.config.problem_type`` (`hf_rwsam.losses`), checked on the first step against the
-            trainer's loss. Required with RW-SAM when ``compute_loss_func`` is set.
+            they follow ``model.config.problem_type`` (`hf_rwsam.losses`); either way they are checked on the first
+            step against the trainer's loss. Required with RW-SAM when ``compute_loss_func`` is set.
         *args, **kwargs: as for the trainer; ``args`` defaults to ``RWSAMConfig(output_dir="tmp_trainer")``.
     """
 

@@ -116,7 +116,8 @@ COERCED = [
 def test_settings_are_typed_as_hf_argument_parser_types_them(tmp_path, settings, expected):
     config = make(tmp_path, **settings)
     for name, value in expected.items():
-        assert getattr(config, name) == value and type(getattr(config, name)) is type(value), (name, getattr(config, name))
+        got = getattr(config, name)
+        assert got == value and type(got) is type(value), (name, got)
 
 
 def test_an_infinite_max_weight_is_no_cap():

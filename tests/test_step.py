@@ -324,3 +324,35 @@ def test_the_users_error_on_the_first_vmap_step_is_reported_as_the_users(impleme
     assert "torch.func" not in str(info.value) and info.value.__suppress_context__
     assert step._msam_vmap_ok is None  # undecided: the next step tries the vmap again
     assert torch.equal(flat_params(model), before) and all(p.grad is None for p in model.parameters())
+
+
+def test_a_causal_lms_loss_in_a_plain_loop_is_met_with_the_advice_to_shift_the_labels():
+    """GPT-2's loss predicts token t + 1 at position t. The plain loop's default per-sample rule does not shift, and the
+    first step's check says to set shift_labels=True (it advised class weights and router losses); with the shift
+    the rule reproduces the loss and the step runs."""
+    import functools
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_rwsam.losses import per_sample_loss
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    ids = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :2] = -100  # a prompt the loss leaves out
+    batch = {"input_ids": ids, "labels": labels}
+
+    def lm_loss(model, batch, return_outputs=False):
+        outputs = model(**batch)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    before = flat_params(model)
+    with pytest.raises(ValueError, match=r"does not reproduce this loss(.|\n)*shifted labels reproduces it(.|\n)*set "
+                                         r"shift_labels=True: `SharpnessAwareStep\(\.\.\., default_per_sample_loss="):
+        SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam"))(model, batch, lm_loss)
+    assert torch.equal(flat_params(model), before)
+    step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam"),
+                              default_per_sample_loss=functools.partial(per_sample_loss, shift_labels=True))
+    step(model, batch, lm_loss)
+    assert step._per_sample_losses_checked and all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -86,7 +86,8 @@ class LocalParameters:
         return swapped_parameters(params, values, self._originals if params is self.tensors else None)
 
     def original_values(self) -> contextlib.AbstractContextManager:
-        """The parameters on their own storage, ``x``, inside the block, whatever they hold meanwhile; as before after it."""
+        """The parameters on their own storage, ``x``, inside the block, whatever they hold meanwhile; as before
+        after it."""
         return swapped_parameters(self.tensors, self._originals)
 
     def gradient(self, objective: torch.Tensor) -> list[torch.Tensor]:
@@ -167,7 +168,8 @@ class ShardedParameters:
             for p in self.params:
                 p.grad = None
             objective.backward()
-            return [torch.zeros_like(t) if p.grad is None else p.grad.to_local() for p, t in zip(self.params, self.tensors)]
+            return [torch.zeros_like(t) if p.grad is None else p.grad.to_local()
+                    for p, t in zip(self.params, self.tensors)]
 
     def norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return self._reduce_sum(global_norm(tensors).square()).sqrt()

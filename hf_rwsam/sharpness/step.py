@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..columns import NOISE_COLUMN
-from ..losses import PER_SAMPLE_LOSS_EXAMPLE, PerSampleLossFunc, per_sample_loss
+from ..losses import PER_SAMPLE_LOSS_EXAMPLE, PerSampleLossFunc, model_logits, per_sample_loss
 from .host import TorchHost
 from .msam import batch_size, split_batch, vmap_msam_step
 from .perturb import perturbed, sam_perturbation
@@ -93,7 +93,8 @@ class SharpnessAwareStep:
         host (`TorchHost`, *optional*): what the loop lends (backward, ``no_sync``, collectives, grad scaler);
             defaults to a plain single-process `TorchHost`.
         per_sample_loss_func (`Callable`, *optional*): ``(outputs, labels) -> Tensor[b]``, the per-sample losses
-            RW-SAM weights, whose mean must be the loss; trusted as given.
+            RW-SAM weights, whose mean must be the loss; checked on the first RW-SAM step against the loss function,
+            as the built-in rule is.
         default_per_sample_loss (`Callable`, *optional*): the built-in rule used when `per_sample_loss_func` is
             None (default: `hf_rwsam.losses.per_sample_loss` with the problem type inferred); checked on the first
             RW-SAM step against the loss function.
@@ -121,7 +122,7 @@ class SharpnessAwareStep:
         self.label_names = tuple(label_names)
         self.seed = seed
         self._metrics = _RunningMeans()
-        self._per_sample_losses_checked = per_sample_loss_func is not None
+        self._per_sample_losses_checked = False
         self._msam_vmap_ok: bool | None = None  # decided on the first m-SAM step under "auto"
         self._warned_vmap_uncompiled = False
         self._warned_exact_uncompiled = False
@@ -270,7 +271,6 @@ class SharpnessAwareStep:
         with per_sample.recording() if exact else contextlib.nullcontext():
             value, outputs = loss_fn(forward_model, inputs, return_outputs=True)
         losses = self._per_sample_losses(outputs, inputs)
-        del outputs
         if not losses.requires_grad:
             raise ValueError(
                 "RW-SAM needs the per-sample losses of the ascent pass with their gradient, and these carry none: the "
@@ -278,7 +278,8 @@ class SharpnessAwareStep:
                 "under no_grad when asked for outputs). Use sam_mode='sam' or 'msam' with this trainer."
             )
         if not self._per_sample_losses_checked:
-            self._check_per_sample_losses(model, inputs, losses, value, reference_loss_fn, rng, bn_modules)
+            self._check_per_sample_losses(model, inputs, outputs, losses, value, reference_loss_fn, rng, bn_modules)
+        del outputs
         if exact:
             norms = per_sample.norms(losses, self._loss_scale())
         else:
@@ -496,34 +497,76 @@ class SharpnessAwareStep:
             )
         return losses.float()
 
-    def _check_per_sample_losses(self, model, inputs, losses, value, reference_loss_fn, rng, bn_modules):
-        """The built-in per-sample rule must average to the loss being optimised (checked once, on the first step):
-        otherwise RW-SAM would perturb along another objective than the one the loop descends."""
+    def _check_per_sample_losses(self, model, inputs, outputs, losses, value, reference_loss_fn, rng, bn_modules):
+        """The per-sample losses (the built-in rule's or `per_sample_loss_func`'s) must average to the loss being
+        optimised, and not be negative where that loss is not (checked once, on the first step): otherwise RW-SAM would
+        perturb along another objective than the one the loop descends (``-l_i`` along the opposite one)."""
         if reference_loss_fn is not None:  # the loss in per-micro-batch units, at x, with the ascent's random numbers
             with torch.no_grad(), rng.replay(), frozen_running_stats(bn_modules):
                 value = reference_loss_fn(model, inputs)
-        mean, value = losses.detach().mean(), value.detach().float()
+        mean, value, smallest = losses.detach().mean(), value.detach().float(), losses.detach().min()
         rtol = 1e-3 if self.host.mixed_precision(model) else 1e-4  # reduction order only: ~1e-7 relative in fp32
         finite = torch.isfinite(mean) & torch.isfinite(value)
         disagrees = finite & ~torch.isclose(mean, value, rtol=rtol, atol=1e-6)
-        # [processes with nothing to compare (a diverged step, say), processes where the rule fails]: every process
-        # reaches the same verdict (one refusing alone would leave the others waiting in a collective)
-        verdict = torch.stack([~finite, disagrees]).float()
-        unchecked, failed = (float(v) for v in self.host.reduce([verdict], "sum")[0])
+        negative = finite & (smallest < 0) & (value >= 0)
+        # [processes with nothing to compare (a diverged step, say), processes where the losses disagree, processes
+        # with negative losses]: every process reaches the same verdict (one refusing alone would leave the others
+        # waiting in a collective)
+        verdict = torch.stack([~finite, disagrees, negative]).float()
+        unchecked, failed, negatives = (float(v) for v in self.host.reduce([verdict], "sum")[0])
         if unchecked:
             return  # checked again on the next step
-        if not failed:
+        if not failed and not negatives:
             self._per_sample_losses_checked = True
             return
-        problem = (f"their mean is {mean.item():.6g} where the loss being optimised is {value.item():.6g}"
-                   + ("" if bool(disagrees) else
-                      " on this process, and another process's differ"))
+        users = self.per_sample_loss_func is not None
+        rule = ("per_sample_loss_func" if users else "the built-in per-sample rule (cross-entropy, BCE or MSE on the "
+                "model's logits, from hf_rwsam.losses.per_sample_loss)")
+        elsewhere = "" if bool(disagrees | negative) else " on this process, and another process's are not"
+        if negatives:
+            raise ValueError(
+                f"RW-SAM weights one loss per sample, and {rule} returned negative ones (the smallest is "
+                f"{smallest.item():.6g}{elsewhere}) where the loss being optimised is {value.item():.6g} >= 0: "
+                "per-sample losses are >= 0 and average to the loss (a function returning -l_i turns RW-SAM's ascent "
+                "into a descent)."
+            )
+        problem = f"their mean is {mean.item():.6g} where the loss being optimised is {value.item():.6g}{elsewhere}"
+        shift = self._label_shift_hint(outputs, inputs, value, rtol, users)
+        if users:
+            advice = ("Its losses must average to the loss the loss function returns: a class-weighted loss needs its "
+                      "weights, normalised as the loss normalises them; an auxiliary term (a router loss) its share "
+                      "per sample")
+        else:
+            advice = ("The loss has terms the rule does not know (a custom or class-weighted loss, compute_loss_func, "
+                      "an auxiliary loss such as a mixture-of-experts router loss). Pass "
+                      "`per_sample_loss_func(outputs, labels) -> Tensor[b]` whose mean is your loss")
         raise ValueError(
-            "RW-SAM weights one loss per sample, and the built-in per-sample rule (cross-entropy, BCE or MSE on the "
-            f"model's logits, from hf_rwsam.losses.per_sample_loss) does not reproduce this loss: {problem}. The loss "
-            "has terms the rule does not know (a custom or class-weighted loss, compute_loss_func, an auxiliary loss "
-            "such as a mixture-of-experts router loss). Pass `per_sample_loss_func(outputs, labels) -> Tensor[b]` "
-            f"whose mean is your loss; for example, for a class-weighted cross-entropy:\n\n{PER_SAMPLE_LOSS_EXAMPLE}"
+            f"RW-SAM weights one loss per sample, and {rule} does not reproduce this loss: {problem}. "
+            + (shift or f"{advice}; for example, for a class-weighted cross-entropy:\n\n{PER_SAMPLE_LOSS_EXAMPLE}")
+        )
+
+    def _label_shift_hint(self, outputs, inputs, value, rtol, users) -> str:
+        """If the built-in token-level rule with shifted labels (position t predicts token t + 1: a causal LM's loss)
+        reproduces the loss, the advice to shift them; else empty."""
+        labels = self._labels(inputs)
+        try:
+            logits = model_logits(outputs)
+        except ValueError:  # outputs the built-in rule cannot read
+            return ""
+        if not (labels.dim() == 2 and logits.dim() == 3 and logits.shape[:2] == labels.shape):
+            return ""
+        with torch.no_grad():
+            shifted = per_sample_loss(outputs, labels, shift_labels=True).mean()
+        if not bool(torch.isclose(shifted, value, rtol=rtol, atol=1e-6)):
+            return ""
+        built_in = ("`SharpnessAwareStep(..., default_per_sample_loss=functools.partial("
+                    "hf_rwsam.losses.per_sample_loss, shift_labels=True))` (RWSAMTrainer detects transformers' causal "
+                    "LMs itself)")
+        return (
+            f"The built-in rule with shifted labels reproduces it ({shifted.item():.6g}): the model predicts token "
+            "t + 1 at position t (a causal language model), so "
+            + (f"shift the labels as the loss does, or leave per_sample_loss_func out and use {built_in}." if users
+               else f"set shift_labels=True: {built_in}.")
         )
 
     def _labels(self, inputs) -> torch.Tensor:
