@@ -313,6 +313,7 @@ SWEEP_MODES = [
     pytest.param("batch", dict(sam_mode="msam", msam_micro_batch_size=2, msam_implementation="loop"), id="msam-loop"),
     pytest.param("batch", dict(sam_mode="msam", msam_micro_batch_size=2, msam_implementation="vmap"), id="msam-vmap"),
     pytest.param("batch", dict(sam_mode="rwsam", rwsam_num_probes=2), id="rwsam-fd"),
+    pytest.param("batch-under-bf16-autocast", dict(sam_mode="rwsam"), id="rwsam-fd-bf16"),  # fp32 probes
     pytest.param("layer", dict(sam_mode="rwsam", rwsam_estimator="exact"), id="rwsam-exact", marks=pytest.mark.xfail(
         strict=True, reason="ghost.py is being rewritten (issue 18)")),
 ]
@@ -420,11 +421,13 @@ def test_an_interrupt_at_any_line_of_the_step_leaves_the_model_as_it_was(monkeyp
     * and a full step then gives a fresh model's descent gradient, bit for bit.
     """
     x, y = SWEEP_BATCH
+    norm, _, autocast = norm.partition("-under-bf16-autocast")
 
     def step(model, tracer):
         sharpness_step = SharpnessAwareStep(SharpnessSettings(**settings))
         seed_everything()
-        traced(tracer, lambda: sharpness_step(model, {"x": x, "labels": y}, sweep_loss))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(autocast)):
+            traced(tracer, lambda: sharpness_step(model, {"x": x, "labels": y}, sweep_loss))
 
     interrupt_sweep(monkeypatch, SweepNet(norm).train(), step)
 
