@@ -85,11 +85,19 @@ def check_training_arguments(args) -> None:
         )
 
 
+NO_DIFFERENTIABLE_OUTPUTS = {
+    ("trl", "SFTTrainer"): "its compute_loss(return_outputs=True) recomputes the outputs under torch.no_grad (one more "
+                           "forward, for metrics), so no per-sample loss can carry a gradient",
+}
+"""Trainers whose `compute_loss` returns outputs without autograd, which RW-SAM's per-sample losses need: (the module
+the class comes from, its name) -> why."""
+
+
 def check_trainer_setup(trainer, per_sample_loss_func=None) -> None:
     """Refuses by name, at the trainer's construction, what its sharpness-aware step cannot do with the trainer's
     backend (DataParallel, DeepSpeed, FSDP from the Accelerate config), objective (``compute_loss_func`` without
-    ``per_sample_loss_func`` for RW-SAM) and training set (a last batch m-SAM cannot split); warns where a setting has
-    no effect (fp16/bf16 without autocast)."""
+    ``per_sample_loss_func`` for RW-SAM, a trainer whose outputs carry no gradient) and training set (a last batch
+    m-SAM cannot split); warns where a setting has no effect (fp16/bf16 without autocast, RW-SAM on one sample)."""
     args, mode, name = trainer.args, trainer.args.sam_mode, type(trainer).__name__
     if mode == "none":
         return
@@ -123,6 +131,20 @@ def check_trainer_setup(trainer, per_sample_loss_func=None) -> None:
             f"{'fp16' if args.fp16 else 'bf16'}=True has no effect here: Accelerate runs no autocast on "
             f"{trainer.accelerator.device.type} with it, so training runs in fp32."
         )
+    if mode == "rwsam":
+        for cls in type(trainer).__mro__:
+            why = NO_DIFFERENTIABLE_OUTPUTS.get((cls.__module__.split(".")[0], cls.__name__))
+            if why is not None:
+                raise ValueError(
+                    f"{name}: RW-SAM needs the per-sample losses of the ascent pass with their gradient, and "
+                    f"{cls.__name__} cannot give them: {why}. Use sam_mode='sam' or 'msam' with this trainer."
+                )
+        if args.per_device_train_batch_size == 1 and (args.sam_perturbation_scope == "device" or args.world_size == 1):
+            logger.warning(
+                "RW-SAM with per_device_train_batch_size=1 is SAM: the Gibbs weights of one sample are 1 whatever its "
+                "gradient norm (the fd probes then cost their forwards for nothing). Use a larger batch, "
+                "sam_perturbation_scope='global' over several processes, or sam_mode='sam'."
+            )
     if mode == "rwsam" and trainer.compute_loss_func is not None and per_sample_loss_func is None:
         raise ValueError(
             "RW-SAM weights one loss per sample, and with `compute_loss_func` the built-in per-sample rule cannot "

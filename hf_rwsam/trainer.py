@@ -22,6 +22,7 @@ import contextlib
 import copy
 import functools
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from .config import RWSAMConfig, check_trainer_setup, check_training_arguments
 from .data import label_noise_info
 from .losses import PerSampleLossFunc, per_sample_loss
 from .sharpness import AccelerateHost, SharpnessAwareStep, SharpnessSettings
+from .sharpness.state import restored
 
 logger = logging.get_logger(__name__)
 
@@ -47,13 +49,14 @@ class SharpnessAwareMixin:
     ``class MyTrainer(SharpnessAwareMixin, SomeTrainer)``: `training_step` runs a `SharpnessAwareStep` whose
     objective is the trainer's `compute_loss` and whose descent is the trainer's own `training_step`; `log` adds the
     step's diagnostics. The arguments must carry the `SharpnessSettings`: an `RWSAMConfig`, or the trainer's own
-    configuration class combined with them.
+    configuration class combined with them. Saves write ``x``, also when made during the step (a signal handler's, a
+    callback's in the descent): `save_model`, `_save` and `_save_checkpoint` hold the parameters at ``x`` meanwhile.
 
     Args:
         per_sample_loss_func (`Callable`, *optional*):
             ``(outputs, labels) -> Tensor[b]`` of per-sample losses, whose mean is the loss, for RW-SAM. By default
-            they follow ``model.config.problem_type`` (`hf_rwsam.losses`), checked on the first step against the
-            trainer's loss. Required with RW-SAM when ``compute_loss_func`` is set.
+            they follow ``model.config.problem_type`` (`hf_rwsam.losses`); either way they are checked on the first
+            step against the trainer's loss. Required with RW-SAM when ``compute_loss_func`` is set.
         *args, **kwargs: as for the trainer; ``args`` defaults to ``RWSAMConfig(output_dir="tmp_trainer")``.
     """
 
@@ -155,17 +158,19 @@ class SharpnessAwareMixin:
         steps = self.current_gradient_accumulation_steps
         # A loss the Trainer takes as normalised over the accumulation window is not divided by its steps: an m-SAM
         # group's share then comes from num_items_in_batch if the loss divides by it, else from dividing by `share`
-        if share > 1 and self._scaled_for_accumulation(num_items_in_batch) and \
-                not self._counts_items(model, inputs, num_items_in_batch):
-            self._descent_share = share
-        self.current_gradient_accumulation_steps = steps * share
-        self._recorded_losses = []
-        try:
-            reported.append(super().training_step(model, inputs, num_items_in_batch))
-            perturbed.append(self._recorded_losses[-1])
-        finally:
+        divide_by_share = share > 1 and self._scaled_for_accumulation(num_items_in_batch) and \
+            not self._counts_items(model, inputs, num_items_in_batch)
+
+        def restore():
             self.current_gradient_accumulation_steps = steps
             self._recorded_losses, self._descent_share = None, 1
+
+        with restored(restore):
+            self._descent_share = share if divide_by_share else 1
+            self.current_gradient_accumulation_steps = steps * share
+            self._recorded_losses = []
+            reported.append(super().training_step(model, inputs, num_items_in_batch))
+            perturbed.append(self._recorded_losses[-1])
         return perturbed[-1]
 
     def _scaled_for_accumulation(self, num_items_in_batch) -> bool:
@@ -182,11 +187,9 @@ class SharpnessAwareMixin:
             if num_items_in_batch is None:
                 return False
             was_training = model.training
-            model.eval()  # no dropout, no statistics: the two evaluations differ only by num_items_in_batch
-            try:
+            with restored(lambda: model.train(was_training)):
+                model.eval()  # no dropout, no statistics: the two evaluations differ only by num_items_in_batch
                 once, twice = (self._objective(n)(model, inputs) for n in (num_items_in_batch, 2 * num_items_in_batch))
-            finally:
-                model.train(was_training)
             self._loss_counts_items = bool(torch.isclose(once.float(), 2 * twice.float(), rtol=1e-3))
         return self._loss_counts_items
 
@@ -205,11 +208,13 @@ class SharpnessAwareMixin:
     @contextlib.contextmanager
     def _side_effects_discarded(self):
         kept = {name: copy.deepcopy(vars(self)[name]) for name in self.sam_side_effect_attributes if name in vars(self)}
-        try:
-            yield
-        finally:
+
+        def restore():
             for name, value in kept.items():
                 setattr(self, name, value)
+
+        with restored(restore):
+            yield
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the step's diagnostics to training logs, each averaged over the steps since the previous log and over
@@ -222,6 +227,21 @@ class SharpnessAwareMixin:
             for name, value in metrics.items():
                 logs[name] = self.accelerator.reduce(value.to(self.args.device).float(), reduction="mean").item()
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ saves write x, also from inside a step
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The trainer's; made during a step (a signal handler's save, a callback's), it writes ``x``, not ``x + e``."""
+        with self.sharpness_step.original_parameters():
+            super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        with self.sharpness_step.original_parameters():
+            super()._save(output_dir, state_dict)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        with self.sharpness_step.original_parameters():
+            super()._save_checkpoint(model, trial)
 
     # ------------------------------------------------------------------ the noise column never reaches the model
 
@@ -299,7 +319,13 @@ class RWSAMTrainer(SharpnessAwareMixin, Trainer):
             **card_data,
         )
         # Written aside and renamed into place: an upload reading the folder sees the old card or the new one, never
-        # half of one (the Trainer's uploads ignore names starting with "_").
-        staging = Path(folder, "_README.md.tmp")
-        staging.write_text(card, encoding="utf-8")
-        os.replace(staging, Path(folder, "README.md"))
+        # half of one (the Trainer's uploads ignore names starting with "_"). The name is this write's own, so that two
+        # writers of one folder (two trainers, a save from a signal handler) do not move each other's file; opened
+        # exclusively rather than by `tempfile`, so that the card gets the umask's permissions, not 0600.
+        staging = Path(folder, f"_README.md.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(staging, "x", encoding="utf-8") as f:
+                f.write(card)
+            os.replace(staging, Path(folder, "README.md"))
+        finally:
+            staging.unlink(missing_ok=True)  # after a failed write (after a rename, it is gone already)

@@ -257,6 +257,35 @@ def test_rwsam_weights_the_users_per_sample_loss(tmp_path):
     assert relative_error(ours, flat_params(unweighted)) > 100 * TOL
 
 
+def unweighted_ce_per_sample(outputs, labels):
+    """A per_sample_loss_func that forgets the class weights of `weighted_ce`."""
+    return F.cross_entropy(model_logits(outputs).float(), labels, reduction="none")
+
+
+def negated_ce_per_sample(outputs, labels):
+    """A per_sample_loss_func returning -l_i: RW-SAM's ascent would descend."""
+    return -weighted_ce_per_sample(outputs, labels)
+
+
+@pytest.mark.parametrize("per_sample, message", [
+    (unweighted_ce_per_sample, r"per_sample_loss_func does not reproduce this loss: their mean is .* where the loss "
+                               r"being optimised is (.|\n)*class-weighted loss needs its weights(.|\n)*def "),
+    (negated_ce_per_sample, r"per_sample_loss_func returned negative ones \(the smallest is -.*\) where the loss being "
+                            r"optimised is .* >= 0"),
+], ids=["forgets_the_class_weights", "negative"])
+def test_rwsam_checks_the_users_per_sample_loss_on_the_first_step(tmp_path, per_sample, message):
+    """A user's per_sample_loss_func is checked against the loss being optimised as the built-in rule is (it was
+    trusted as given): one that forgets the class weights, or returns -l_i, stops the first step with the numbers,
+    parameters untouched."""
+    x, y = make_tensors(n=8, seed=3)
+    model = _model()
+    before = flat_params(model)
+    with pytest.raises(ValueError, match=message):
+        _train(model, x, y, tmp_path, sam_mode="rwsam",
+               trainer_kwargs={"compute_loss_func": weighted_ce, "per_sample_loss_func": per_sample})
+    assert torch.equal(flat_params(model), before), "the refused step moved the parameters"
+
+
 def test_rwsam_refuses_compute_loss_func_without_per_sample_losses(tmp_path):
     x, y = make_tensors(n=8)
     args = sgd_config(tmp_path, sam_mode="rwsam", max_steps=1)

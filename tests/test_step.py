@@ -228,3 +228,131 @@ def test_unwrap_looks_through_ddp_and_compile_only():
     model = HasModuleAttribute()
     assert TorchHost().unwrap(model) is model
     assert TorchHost().unwrap(torch.compile(model)) is model
+
+
+def test_original_parameters_hold_x_during_the_descent_which_then_goes_on_at_x_plus_e():
+    """`original_parameters()` inside the step (what the Trainer's saves use) puts x back on its own storage for the
+    block, then x + e again: the descent's gradient is the one of a step without it, bit for bit."""
+    x, y = make_tensors(8, seed=7)
+    batch = {"x": x, "labels": y}
+    settings = SharpnessSettings(sam_mode="sam", sam_rho=0.3)
+
+    def gradient(hold_x):
+        model = _model()
+        at_x = [(p.detach().clone(), p.data_ptr()) for p in model.parameters()]
+        step = SharpnessAwareStep(settings)
+        seen = {}
+
+        def descent(inputs, share, loss=None):
+            seen["perturbed"] = flat_params(model)
+            if hold_x:
+                with step.original_parameters():
+                    seen["inside"] = [(p.detach().clone(), p.data_ptr()) for p in model.parameters()]
+                seen["after"] = flat_params(model)
+            loss = loss_fn(model, inputs)
+            loss.backward()
+            return loss.detach()
+
+        with step.original_parameters():  # outside a step: nothing to put back
+            assert all(torch.equal(p, v) and p.data_ptr() == ptr for p, (v, ptr) in zip(model.parameters(), at_x))
+        step(model, batch, loss_fn, descent)
+        if hold_x:
+            assert not torch.equal(seen["perturbed"], torch.cat([v.reshape(-1) for v, _ in at_x]))  # x + e there
+            assert all(torch.equal(v, w) and ptr == q for (v, ptr), (w, q) in zip(seen["inside"], at_x))
+            assert torch.equal(seen["after"], seen["perturbed"])
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    assert torch.equal(gradient(hold_x=True), gradient(hold_x=False))
+
+
+def test_an_fd_step_fp32_cannot_resolve_for_this_model_is_refused_on_the_first_step():
+    """h = u ||x|| / 2 (u = 2^-24) passes construction (h >= 2^-24) but moves a weight of the model's typical size by
+    less than fp32 resolves: the first step refuses it by name, parameters untouched. The refusal is no formality:
+    against exact per-sample norms (a loop of backward calls) fd at that h is off by more than 100%, at the default h
+    by the sampling floor only (~6% with 64 probes)."""
+    from hf_rwsam import sample_grad_norms
+
+    from test_rwsam import loop_grad_norms, per_sample_ce
+
+    x, y = make_tensors(16, seed=5)
+    model = _model()
+    before = flat_params(model)
+    h = 2.0**-24 * float(before.norm()) / 2
+    step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam", rwsam_fd_step=h))  # constructs: h > 2^-24
+    with pytest.raises(ValueError, match=r"SharpnessSettings\.rwsam_fd_step=.* cannot resolve .* choose h >= "):
+        step(model, {"x": x, "labels": y}, loss_fn)
+    assert torch.equal(flat_params(model), before) and all(p.grad is None for p in model.parameters())
+
+    exact = loop_grad_norms(model, x, y)
+
+    def fd_error(fd_step):
+        fd = sample_grad_norms(model, {"x": x, "labels": y}, per_sample_ce, method="fd", num_probes=64,
+                               fd_step=fd_step, generator=torch.Generator().manual_seed(0))
+        return float(((fd - exact).abs() / exact).mean())
+
+    assert fd_error(h) > 1.0
+    assert fd_error(None) < 0.1
+    SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam"))(model, {"x": x, "labels": y}, loss_fn)  # the default runs
+
+
+@pytest.mark.parametrize("settings", [dict(sam_mode="sam"), dict(sam_mode="rwsam"),
+                                      dict(sam_mode="msam", msam_micro_batch_size=2, msam_implementation="vmap")],
+                         ids=["sam", "rwsam", "msam-vmap"])
+def test_a_model_with_every_parameter_frozen_is_refused_by_name(settings):
+    """It failed inside autograd ("`inputs` to grad() cannot be empty"), or as "torch.func cannot run" for the vmap."""
+    x, y = make_tensors(8)
+    model = _model().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"TinyMLP has no trainable parameters \(all 4 have requires_grad=False\)"):
+        SharpnessAwareStep(SharpnessSettings(**settings))(model, {"x": x, "labels": y}, loss_fn)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "vmap"])
+def test_the_users_error_on_the_first_vmap_step_is_reported_as_the_users(implementation):
+    """A loss that raises is the user's error, raised as it came: not reported as "torch.func cannot run" (which,
+    under "auto", also switched the vmap off for good)."""
+    x, y = make_tensors(8)
+
+    def broken_loss(model, batch, return_outputs=False):
+        raise KeyError("the user's loss reads a column the batch does not have")
+
+    step = SharpnessAwareStep(SharpnessSettings(sam_mode="msam", msam_micro_batch_size=2,
+                                                msam_implementation=implementation))
+    model = _model()
+    before = flat_params(model)
+    with pytest.raises(KeyError, match="the user's loss reads a column") as info:
+        step(model, {"x": x, "labels": y}, broken_loss)
+    assert "torch.func" not in str(info.value) and info.value.__suppress_context__
+    assert step._msam_vmap_ok is None  # undecided: the next step tries the vmap again
+    assert torch.equal(flat_params(model), before) and all(p.grad is None for p in model.parameters())
+
+
+def test_a_causal_lms_loss_in_a_plain_loop_is_met_with_the_advice_to_shift_the_labels():
+    """GPT-2's loss predicts token t + 1 at position t. The plain loop's default per-sample rule does not shift, and the
+    first step's check says to set shift_labels=True (it advised class weights and router losses); with the shift
+    the rule reproduces the loss and the step runs."""
+    import functools
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_rwsam.losses import per_sample_loss
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    ids = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :2] = -100  # a prompt the loss leaves out
+    batch = {"input_ids": ids, "labels": labels}
+
+    def lm_loss(model, batch, return_outputs=False):
+        outputs = model(**batch)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    before = flat_params(model)
+    with pytest.raises(ValueError, match=r"does not reproduce this loss(.|\n)*shifted labels reproduces it(.|\n)*set "
+                                         r"shift_labels=True: `SharpnessAwareStep\(\.\.\., default_per_sample_loss="):
+        SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam"))(model, batch, lm_loss)
+    assert torch.equal(flat_params(model), before)
+    step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam"),
+                              default_per_sample_loss=functools.partial(per_sample_loss, shift_labels=True))
+    step(model, batch, lm_loss)
+    assert step._per_sample_losses_checked and all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -26,6 +26,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .sharding import LocalParameters, ShardedParameters, is_sharded, trainable_parameters
+from .state import restored
 
 
 def _device_type(model: nn.Module) -> str:
@@ -105,14 +106,16 @@ class TorchHost:
         hooks (FSDP's gathering of the shards) run; FSDP's own parameter dtype is left as configured."""
         inner = self.unwrap(model)
         wrapped = vars(inner).get("forward") if "_original_forward" in vars(inner) else None
-        if wrapped is not None:
-            inner.forward = inner._original_forward
-        try:
-            with torch.autocast(_device_type(model), enabled=False):
-                yield
-        finally:
+
+        def restore():
             if wrapped is not None:
                 inner.forward = wrapped
+
+        with restored(restore):
+            if wrapped is not None:
+                inner.forward = inner._original_forward
+            with torch.autocast(_device_type(model), enabled=False):
+                yield
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.reduce([tensor], "sum")[0]

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
-from .state import RNGReplay, frozen_running_stats
+from .state import RNGReplay, frozen_running_stats, restored
 
 
 def split_batch(inputs: Mapping[str, Any], num_groups: int) -> list[dict[str, Any]]:
@@ -67,12 +67,16 @@ class _Objective(nn.Module):
 
 
 class _BatchStatsRecorder:
-    """Records the batch mean and unbiased variance each BatchNorm layer sees, to update running stats afterwards."""
+    """Records the batch mean and unbiased variance each BatchNorm layer sees inside `recording`, to update running
+    stats afterwards."""
 
     def __init__(self, modules: list[_NormBase]):
+        self.modules = modules
         self.called: list[_NormBase] = []  # the layers in call order (a layer may run more than once)
         self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.handles = [m.register_forward_pre_hook(self._record) for m in modules]
+
+    def recording(self) -> contextlib.AbstractContextManager:
+        return _hooked(self.modules, self._record)
 
     def _record(self, module, args):
         x = args[0].float()  # fp32 statistics, also under autocast
@@ -84,10 +88,6 @@ class _BatchStatsRecorder:
         means, variances = [s[0] for s in self.stats], [s[1] for s in self.stats]
         self.stats = []
         return means, variances
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
     @torch.no_grad()
     def apply_in_group_order(self, means: list[torch.Tensor], variances: list[torch.Tensor]) -> None:
@@ -108,15 +108,22 @@ def _match_batchnorm_input_dtype(module, args):
 
 
 @contextlib.contextmanager
-def _vmappable_batchnorm(model: nn.Module) -> Iterator[None]:
-    handles = [
-        m.register_forward_pre_hook(_match_batchnorm_input_dtype) for m in model.modules() if isinstance(m, _NormBase)
-    ]
-    try:
+def _hooked(modules: list[nn.Module], hook) -> Iterator[None]:
+    """`hook` is a forward pre-hook of every module inside the block, and of none after it (`restored`)."""
+    handles = []
+
+    def remove():
+        for handle in handles:
+            handle.remove()
+
+    with restored(remove):
+        for module in modules:
+            handles.append(module.register_forward_pre_hook(hook))
         yield
-    finally:
-        for h in handles:
-            h.remove()
+
+
+def _vmappable_batchnorm(model: nn.Module) -> contextlib.AbstractContextManager:
+    return _hooked([m for m in model.modules() if isinstance(m, _NormBase)], _match_batchnorm_input_dtype)
 
 
 @contextlib.contextmanager
@@ -125,12 +132,15 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
     escaping the transform (and breaking the next `state_dict`). The buffers are put back, and the error lets the
     ``"auto"`` implementation choose the loop."""
     buffers = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()]
-    try:
-        yield
-    finally:
-        changed = [name for module, name, buffer in buffers if module._buffers.get(name) is not buffer]
+    changed = []
+
+    def put_back():
+        changed.extend(name for module, name, buffer in buffers if module._buffers.get(name) is not buffer)
         for module, name, buffer in buffers:
             module._buffers[name] = buffer
+
+    with restored(put_back):
+        yield
     if changed:
         raise RuntimeError(f"vmap: the forward assigns new values to the buffers {changed}, which torch.func cannot "
                            "batch per group")
@@ -182,13 +192,10 @@ def vmap_msam_step(
         return loss, (loss.detach(), means, variances)
 
     rng = RNGReplay(device)
-    try:
-        with frozen_running_stats(bn_modules), _vmappable_batchnorm(model), _buffers_kept(model):
-            grads, (clean, means, variances) = vmap(
-                grad(ascent, has_aux=True), in_dims=(None, in_dims), randomness="different"
-            )(params, grouped)
-    finally:
-        recorder.remove()
+    with recorder.recording(), frozen_running_stats(bn_modules), _vmappable_batchnorm(model), _buffers_kept(model):
+        grads, (clean, means, variances) = vmap(
+            grad(ascent, has_aux=True), in_dims=(None, in_dims), randomness="different"
+        )(params, grouped)
 
     with torch.no_grad():
         g = [grads.pop(n) for n in names]  # torch.func may return expanded views: only out-of-place ops below

@@ -324,7 +324,7 @@ def gibbs_weights(
         target_ess (`float`, *optional*): in (0, 1]; choose lambda so the effective sample size
             ``(sum p)^2 / sum p^2`` is ``target_ess * b`` (clamped where unattainable).
         max_weight (`float`, *optional*): ``c >= 1``; cap every ``p_i`` at ``c / b``, renormalising the rest. Applied
-            after lambda is chosen, so the ESS can only grow.
+            after lambda is chosen, so the ESS can only grow. None or ``inf``: no cap.
         return_lambda (`bool`): also return the lambda used (a 0-dim tensor).
 
     Returns:
@@ -340,5 +340,6 @@ def gibbs_weights(
     else:
         lam_t = torch.tensor(float(lam), device=n.device)
     logits = lam_t * scores
-    p = torch.softmax(logits, dim=-1) if max_weight is None else _cap_weights(logits.log_softmax(-1), max_weight / b)
+    uncapped = max_weight is None or math.isinf(max_weight)
+    p = torch.softmax(logits, dim=-1) if uncapped else _cap_weights(logits.log_softmax(-1), max_weight / b)
     return (p, lam_t) if return_lambda else p

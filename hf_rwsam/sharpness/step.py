@@ -34,19 +34,20 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import defaultdict
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..columns import NOISE_COLUMN
-from ..losses import PER_SAMPLE_LOSS_EXAMPLE, PerSampleLossFunc, per_sample_loss
+from ..losses import PER_SAMPLE_LOSS_EXAMPLE, PerSampleLossFunc, model_logits, per_sample_loss
 from .host import TorchHost
 from .msam import batch_size, split_batch, vmap_msam_step
 from .perturb import perturbed, sam_perturbation
 from .ghost import PerSampleGradients
 from .reweight import (
     RademacherDirections,
+    default_fd_step,
     effective_sample_size,
     fd_norms,
     fd_probe_losses,
@@ -54,8 +55,8 @@ from .reweight import (
     rademacher_seed,
 )
 from .settings import SharpnessSettings
-from .sharding import sharded_step_problems
-from .state import RNGReplay, frozen_running_stats, running_stat_modules
+from .sharding import require_trainable_parameters, sharded_step_problems
+from .state import RNGReplay, frozen_running_stats, restored, running_stat_modules
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ class SharpnessAwareStep:
         host (`TorchHost`, *optional*): what the loop lends (backward, ``no_sync``, collectives, grad scaler);
             defaults to a plain single-process `TorchHost`.
         per_sample_loss_func (`Callable`, *optional*): ``(outputs, labels) -> Tensor[b]``, the per-sample losses
-            RW-SAM weights, whose mean must be the loss; trusted as given.
+            RW-SAM weights, whose mean must be the loss; checked on the first RW-SAM step against the loss function,
+            as the built-in rule is.
         default_per_sample_loss (`Callable`, *optional*): the built-in rule used when `per_sample_loss_func` is
             None (default: `hf_rwsam.losses.per_sample_loss` with the problem type inferred); checked on the first
             RW-SAM step against the loss function.
@@ -100,7 +102,8 @@ class SharpnessAwareStep:
         seed (`int`): seeds RW-SAM's probes with the step index and the process rank.
 
     Call it as ``step(model, inputs, loss_fn, descent=None, *, global_step=None, reference_loss_fn=None)``: see
-    `__call__`. `pop_metrics` returns the diagnostics averaged since the last call.
+    `__call__`. `pop_metrics` returns the diagnostics averaged since the last call. A save made during a step (from a
+    signal handler, or a callback in the descent) goes inside ``with step.original_parameters():`` to write ``x``.
     """
 
     def __init__(
@@ -119,16 +122,18 @@ class SharpnessAwareStep:
         self.label_names = tuple(label_names)
         self.seed = seed
         self._metrics = _RunningMeans()
-        self._per_sample_losses_checked = per_sample_loss_func is not None
+        self._per_sample_losses_checked = False
         self._msam_vmap_ok: bool | None = None  # decided on the first m-SAM step under "auto"
         self._warned_vmap_uncompiled = False
         self._warned_exact_uncompiled = False
         self._exact_pass: PerSampleGradients | None = None
         self._sharding_checked = False
         self._warned_low_precision_probes = False
+        self._fd_step_checked = False
         self._step_index = (-1, 0)  # (global step, micro-step within it), seeds the probes
         self._calls = 0
         self._directions = RademacherDirections()  # the probes' buffers, kept from step to step
+        self._parameters_in_step = None  # the parameters while a step may hold them away from x
         if settings.sam_mode == "msam" and settings.msam_implementation == "vmap" and self.host.num_processes > 1:
             raise settings.refuse(
                 "msam_implementation", "vmap", "it bypasses the DDP forward, so it runs on one process only; choose "
@@ -177,9 +182,28 @@ class SharpnessAwareStep:
         mode = self.settings.sam_mode
         if mode == "none":
             return descent(inputs, 1)
-        if mode == "msam":
-            return self._msam_step(model, inputs, loss_fn, descent, msam_vmap_unavailable)
-        return self._sam_step(model, inputs, loss_fn, descent, noisy=noisy, reference_loss_fn=reference_loss_fn)
+        require_trainable_parameters(model)
+        grad_enabled = torch.is_grad_enabled()
+
+        def restore():
+            self._parameters_in_step = None
+            # Python cannot keep an interrupt from landing between a `with torch.no_grad():` block and the call that
+            # ends it (PEP 419), which would leave gradients off for good: the mode is put back as the step found it.
+            torch.set_grad_enabled(grad_enabled)
+
+        with restored(restore):
+            if mode == "msam":
+                return self._msam_step(model, inputs, loss_fn, descent, msam_vmap_unavailable)
+            return self._sam_step(model, inputs, loss_fn, descent, noisy=noisy, reference_loss_fn=reference_loss_fn)
+
+    @contextlib.contextmanager
+    def original_parameters(self) -> Iterator[None]:
+        """The parameters hold ``x`` inside the block, also while the step holds them elsewhere (``x + e`` during the
+        descent, ``x + h u`` during RW-SAM's probes), and what they held before after it: a save made during the step
+        (a signal handler's, a callback's in the descent) writes ``x``. Outside a step it changes nothing."""
+        params = self._parameters_in_step
+        with contextlib.nullcontext() if params is None else params.original_values():
+            yield
 
     def pop_metrics(self) -> dict[str, torch.Tensor]:
         """The diagnostics averaged over the steps since the last call (device tensors, this process only)."""
@@ -188,7 +212,7 @@ class SharpnessAwareStep:
     def _sam_step(self, model, inputs, loss_fn, descent, share=1, noisy=None, reference_loss_fn=None):
         """One SAM / ASAM / RW-SAM step on `inputs`, whose descent counts for ``1 / share`` of the step."""
         s = self.settings
-        params = self.host.parameters(model)
+        params = self._parameters_in_step = self.host.parameters(model)  # what `original_parameters` puts back at x
         if params.sharded and not self._sharding_checked:
             problems = sharded_step_problems(s)
             if problems:
@@ -234,6 +258,8 @@ class SharpnessAwareStep:
                     "(mixed precision through autocast) or use rwsam_estimator='exact'."
                 )
                 self._warned_low_precision_probes = True
+            if not self._fd_step_checked:
+                self._check_fd_step(params)
             probe_losses = self._probe_function(model, inputs, loss_fn, rng, bn_modules)
             probes = fd_probe_losses(probe_losses, params.tensors, s.rwsam_num_probes, s.rwsam_fd_step,
                                      self._probe_generator(params.tensors[0].device), num_coordinates=params.numel,
@@ -248,7 +274,6 @@ class SharpnessAwareStep:
         else:
             value, outputs = loss_fn(forward_model, inputs, return_outputs=True)
         losses = self._per_sample_losses(outputs, inputs)
-        del outputs
         if not losses.requires_grad:
             raise ValueError(
                 "RW-SAM needs the per-sample losses of the ascent pass with their gradient, and these carry none: the "
@@ -256,7 +281,8 @@ class SharpnessAwareStep:
                 "under no_grad when asked for outputs). Use sam_mode='sam' or 'msam' with this trainer."
             )
         if not self._per_sample_losses_checked:
-            self._check_per_sample_losses(model, inputs, losses, value, reference_loss_fn, rng, bn_modules)
+            self._check_per_sample_losses(model, inputs, outputs, losses, value, reference_loss_fn, rng, bn_modules)
+        del outputs
         if exact:
             norms = per_sample.norms(losses, self._loss_scale())
         else:
@@ -270,6 +296,28 @@ class SharpnessAwareStep:
             # detached: the ascent's graph (kept for the batched estimator) is freed before the descent allocates
             return value.detach(), per_sample.weighted_gradient(weights)
         return value, params.gradient(self._scaled((weights * losses).sum()))
+
+    def _check_fd_step(self, params) -> None:
+        """Refuses, once, a finite-difference step the parameters' precision cannot resolve. A probe moves every
+        coordinate by ``h / sqrt(d)``, and a weight of the typical (root-mean-square) size ``||x|| / sqrt(d)`` moves by
+        that only if the move is at least ``u`` times the weight (``u``: the unit roundoff, 2^-24 in fp32; a shorter
+        move rounds to nothing or to a whole spacing): ``h >= u ||x||`` (`SharpnessSettings.rwsam_fd_step`)."""
+        s = self.settings
+        h = default_fd_step(params.numel) if s.rwsam_fd_step is None else s.rwsam_fd_step
+        dtype = max((t.dtype for t in params.tensors), key=lambda dt: torch.finfo(dt).eps)
+        u = torch.finfo(dtype).eps / 2
+        with torch.no_grad():
+            norm = float(params.norm(params.tensors))
+        if h < u * norm:
+            raise s.refuse(
+                "rwsam_fd_step", s.rwsam_fd_step,
+                f"the probes' step h = {h:.3g}{' (the default 1e-3 * sqrt(d))' if s.rwsam_fd_step is None else ''} "
+                f"moves each of the d = {params.numel} coordinates by h / sqrt(d) = {h / params.numel ** 0.5:.3g}, "
+                f"which {dtype} cannot resolve for weights of typical size ||x|| / sqrt(d) = "
+                f"{norm / params.numel ** 0.5:.3g} (a move shorter than {u:.3g} times a weight rounds to nothing or to "
+                f"a whole spacing); choose h >= {u:.3g} * ||x|| = {u * norm:.3g}"
+            )
+        self._fd_step_checked = True
 
     def _per_sample_gradients(self, model, params) -> PerSampleGradients:
         """The exact estimator's pass over `model`'s layers, kept from step to step while the model and its parameters
@@ -329,6 +377,7 @@ class SharpnessAwareStep:
         except Exception as err:  # noqa: BLE001 -- any failure of torch.func on this model means "use the loop"
             if self._msam_vmap_ok:
                 raise
+            self._raise_the_loss_own_error(model, inputs, loss_fn, k)
             if explicit:
                 raise ValueError(
                     f"{type(s).__name__}.msam_implementation='vmap': torch.func cannot run "
@@ -349,6 +398,17 @@ class SharpnessAwareStep:
         clean = result.clean_losses.mean()
         self._metrics.add("sam/sharpness", perturbed_loss.detach().float() - clean.float())
         return clean
+
+    def _raise_the_loss_own_error(self, model, inputs, loss_fn, k) -> None:
+        """After the vmap m-SAM failed on its first step: runs `loss_fn` once plainly on the first group (no gradient,
+        BatchNorm statistics frozen, the random numbers replayed), and if it raises there too, raises that error, the
+        loss's own (the user's code), rather than reporting that torch.func cannot run the model."""
+        rng = RNGReplay({p.device for p in model.parameters()})
+        try:
+            with torch.no_grad(), rng.replay(), frozen_running_stats(running_stat_modules(model)):
+                loss_fn(model, split_batch(inputs, k)[0])
+        except Exception as own:  # noqa: BLE001 -- whatever it is, it is the loss's, and it goes on as it came
+            raise own from None
 
     def _use_msam_vmap(self, model, k, unavailable=None) -> bool:
         impl = self.settings.msam_implementation
@@ -429,34 +489,76 @@ class SharpnessAwareStep:
             )
         return losses.float()
 
-    def _check_per_sample_losses(self, model, inputs, losses, value, reference_loss_fn, rng, bn_modules):
-        """The built-in per-sample rule must average to the loss being optimised (checked once, on the first step):
-        otherwise RW-SAM would perturb along another objective than the one the loop descends."""
+    def _check_per_sample_losses(self, model, inputs, outputs, losses, value, reference_loss_fn, rng, bn_modules):
+        """The per-sample losses (the built-in rule's or `per_sample_loss_func`'s) must average to the loss being
+        optimised, and not be negative where that loss is not (checked once, on the first step): otherwise RW-SAM would
+        perturb along another objective than the one the loop descends (``-l_i`` along the opposite one)."""
         if reference_loss_fn is not None:  # the loss in per-micro-batch units, at x, with the ascent's random numbers
             with torch.no_grad(), rng.replay(), frozen_running_stats(bn_modules):
                 value = reference_loss_fn(model, inputs)
-        mean, value = losses.detach().mean(), value.detach().float()
+        mean, value, smallest = losses.detach().mean(), value.detach().float(), losses.detach().min()
         rtol = 1e-3 if self.host.mixed_precision(model) else 1e-4  # reduction order only: ~1e-7 relative in fp32
         finite = torch.isfinite(mean) & torch.isfinite(value)
         disagrees = finite & ~torch.isclose(mean, value, rtol=rtol, atol=1e-6)
-        # [processes with nothing to compare (a diverged step, say), processes where the rule fails]: every process
-        # reaches the same verdict (one refusing alone would leave the others waiting in a collective)
-        verdict = torch.stack([~finite, disagrees]).float()
-        unchecked, failed = (float(v) for v in self.host.reduce([verdict], "sum")[0])
+        negative = finite & (smallest < 0) & (value >= 0)
+        # [processes with nothing to compare (a diverged step, say), processes where the losses disagree, processes
+        # with negative losses]: every process reaches the same verdict (one refusing alone would leave the others
+        # waiting in a collective)
+        verdict = torch.stack([~finite, disagrees, negative]).float()
+        unchecked, failed, negatives = (float(v) for v in self.host.reduce([verdict], "sum")[0])
         if unchecked:
             return  # checked again on the next step
-        if not failed:
+        if not failed and not negatives:
             self._per_sample_losses_checked = True
             return
-        problem = (f"their mean is {mean.item():.6g} where the loss being optimised is {value.item():.6g}"
-                   + ("" if bool(disagrees) else
-                      " on this process, and another process's differ"))
+        users = self.per_sample_loss_func is not None
+        rule = ("per_sample_loss_func" if users else "the built-in per-sample rule (cross-entropy, BCE or MSE on the "
+                "model's logits, from hf_rwsam.losses.per_sample_loss)")
+        elsewhere = "" if bool(disagrees | negative) else " on this process, and another process's are not"
+        if negatives:
+            raise ValueError(
+                f"RW-SAM weights one loss per sample, and {rule} returned negative ones (the smallest is "
+                f"{smallest.item():.6g}{elsewhere}) where the loss being optimised is {value.item():.6g} >= 0: "
+                "per-sample losses are >= 0 and average to the loss (a function returning -l_i turns RW-SAM's ascent "
+                "into a descent)."
+            )
+        problem = f"their mean is {mean.item():.6g} where the loss being optimised is {value.item():.6g}{elsewhere}"
+        shift = self._label_shift_hint(outputs, inputs, value, rtol, users)
+        if users:
+            advice = ("Its losses must average to the loss the loss function returns: a class-weighted loss needs its "
+                      "weights, normalised as the loss normalises them; an auxiliary term (a router loss) its share "
+                      "per sample")
+        else:
+            advice = ("The loss has terms the rule does not know (a custom or class-weighted loss, compute_loss_func, "
+                      "an auxiliary loss such as a mixture-of-experts router loss). Pass "
+                      "`per_sample_loss_func(outputs, labels) -> Tensor[b]` whose mean is your loss")
         raise ValueError(
-            "RW-SAM weights one loss per sample, and the built-in per-sample rule (cross-entropy, BCE or MSE on the "
-            f"model's logits, from hf_rwsam.losses.per_sample_loss) does not reproduce this loss: {problem}. The loss "
-            "has terms the rule does not know (a custom or class-weighted loss, compute_loss_func, an auxiliary loss "
-            "such as a mixture-of-experts router loss). Pass `per_sample_loss_func(outputs, labels) -> Tensor[b]` "
-            f"whose mean is your loss; for example, for a class-weighted cross-entropy:\n\n{PER_SAMPLE_LOSS_EXAMPLE}"
+            f"RW-SAM weights one loss per sample, and {rule} does not reproduce this loss: {problem}. "
+            + (shift or f"{advice}; for example, for a class-weighted cross-entropy:\n\n{PER_SAMPLE_LOSS_EXAMPLE}")
+        )
+
+    def _label_shift_hint(self, outputs, inputs, value, rtol, users) -> str:
+        """If the built-in token-level rule with shifted labels (position t predicts token t + 1: a causal LM's loss)
+        reproduces the loss, the advice to shift them; else empty."""
+        labels = self._labels(inputs)
+        try:
+            logits = model_logits(outputs)
+        except ValueError:  # outputs the built-in rule cannot read
+            return ""
+        if not (labels.dim() == 2 and logits.dim() == 3 and logits.shape[:2] == labels.shape):
+            return ""
+        with torch.no_grad():
+            shifted = per_sample_loss(outputs, labels, shift_labels=True).mean()
+        if not bool(torch.isclose(shifted, value, rtol=rtol, atol=1e-6)):
+            return ""
+        built_in = ("`SharpnessAwareStep(..., default_per_sample_loss=functools.partial("
+                    "hf_rwsam.losses.per_sample_loss, shift_labels=True))` (RWSAMTrainer detects transformers' causal "
+                    "LMs itself)")
+        return (
+            f"The built-in rule with shifted labels reproduces it ({shifted.item():.6g}): the model predicts token "
+            "t + 1 at position t (a causal language model), so "
+            + (f"shift the labels as the loss does, or leave per_sample_loss_func out and use {built_in}." if users
+               else f"set shift_labels=True: {built_in}.")
         )
 
     def _labels(self, inputs) -> torch.Tensor:
