@@ -273,11 +273,18 @@ class LineTracer:
     raising KeyboardInterrupt at the `interrupt_at`-th, as a Ctrl-C landing just before that line would. Python stops
     tracing once the tracer raises, so the restoring code then runs as it would after a real interrupt."""
 
-    def __init__(self, interrupt_at=None, on_line=None):
+    def __init__(self, interrupt_at=None, on_line=None, within=None):
         self.interrupt_at, self.on_line, self.count, self.where = interrupt_at, on_line, 0, None
+        self.within = within  # (file under hf_rwsam/, function names): only their lines (default: all of hf_rwsam/)
 
     def __call__(self, frame, event, arg):
-        return self.local if frame.f_code.co_filename.startswith(PACKAGE) else None
+        code = frame.f_code
+        if not code.co_filename.startswith(PACKAGE):
+            return None
+        if self.within is not None and not (code.co_filename.endswith(self.within[0])
+                                            and code.co_name in self.within[1]):
+            return None
+        return self.local
 
     def local(self, frame, event, arg):
         if event == "line":
@@ -314,9 +321,11 @@ SWEEP_MODES = [
     pytest.param("batch", dict(sam_mode="msam", msam_micro_batch_size=2, msam_implementation="vmap"), id="msam-vmap"),
     pytest.param("batch", dict(sam_mode="rwsam", rwsam_num_probes=2), id="rwsam-fd"),
     pytest.param("batch-under-bf16-autocast", dict(sam_mode="rwsam"), id="rwsam-fd-bf16"),  # fp32 probes
-    pytest.param("layer", dict(sam_mode="rwsam", rwsam_estimator="exact"), id="rwsam-exact", marks=pytest.mark.xfail(
-        strict=True, reason="ghost.py is being rewritten (issue 18)")),
+    pytest.param("layer", dict(sam_mode="rwsam", rwsam_estimator="exact"), id="rwsam-exact"),
 ]
+
+
+LINEAR = torch.nn.functional.linear
 
 
 def hooks(model):
@@ -328,9 +337,10 @@ def batchnorm_flags(model):
     return [m.track_running_stats for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
 
 
-def interrupt_sweep(monkeypatch, template, step, state=lambda: None):
+def interrupt_sweep(monkeypatch, template, step, state=lambda: None, within=None):
     """The failures of the sweep: `step(model, tracer)` runs one step from the same random numbers on `model` (a fresh
-    copy of `template`) under `tracer`; `state()` is whatever else must be as before (a trainer's attributes)."""
+    copy of `template`) under `tracer`; `state()` is whatever else must be as before (a trainer's attributes);
+    `within`: ``(file, function names)``, to interrupt only at their lines."""
     outside_replays = []  # the generators' states before each replay now open
     real_replay = RNGReplay.replay
 
@@ -354,10 +364,11 @@ def interrupt_sweep(monkeypatch, template, step, state=lambda: None):
     counted = copy.deepcopy(template)
     found = []
     counting = LineTracer(on_line=lambda k: found.append((
-        outside_replays[0] if outside_replays else rng_states(), [b.clone() for b in counted.buffers()])))
+        outside_replays[0] if outside_replays else rng_states(), [b.clone() for b in counted.buffers()])),
+        within=within)
     step(counted, counting)
     lines = counting.count
-    assert lines > 100, f"only {lines} line events: is the tracer looking at hf_rwsam/?"
+    assert lines > (20 if within else 100), f"only {lines} line events: is the tracer looking at hf_rwsam/?"
     reference_gradient = gradient_of_a_full_step(copy.deepcopy(template))
     state_before = state()
 
@@ -366,7 +377,7 @@ def interrupt_sweep(monkeypatch, template, step, state=lambda: None):
         model = copy.deepcopy(template)
         before = [(p, p.detach().clone(), p.data_ptr()) for p in model.parameters()]
         flags, hooks_before = batchnorm_flags(model), hooks(model)
-        tracer = LineTracer(interrupt_at=k)
+        tracer = LineTracer(interrupt_at=k, within=within)
         with pytest.raises(KeyboardInterrupt):
             step(model, tracer)
         problems = []
@@ -380,6 +391,9 @@ def interrupt_sweep(monkeypatch, template, step, state=lambda: None):
             problems.append("running statistics differ from the uninterrupted step's at this line")
         if hooks(model) != hooks_before:
             problems.append("hooks left")
+        if torch.nn.functional.linear is not LINEAR:  # the exact estimator records F.linear calls meanwhile
+            problems.append("torch.nn.functional.linear left replaced")
+            torch.nn.functional.linear = LINEAR
         if not torch.is_grad_enabled():
             problems.append("gradients left disabled")
             torch.set_grad_enabled(True)
@@ -430,6 +444,56 @@ def test_an_interrupt_at_any_line_of_the_step_leaves_the_model_as_it_was(monkeyp
             traced(tracer, lambda: sharpness_step(model, {"x": x, "labels": y}, sweep_loss))
 
     interrupt_sweep(monkeypatch, SweepNet(norm).train(), step)
+
+
+class SharedPositionsAttention(nn.Module):
+    """For the exact estimator's temporary changes: position ids ``[1, T]`` (given to every row while recording) and
+    `nn.MultiheadAttention`, sequence-first (its projections recorded through ``F.linear``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.project, self.positions = nn.Linear(2, 8), nn.Embedding(2, 8)
+        self.attention, self.head = nn.MultiheadAttention(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x, labels=None):
+        h = self.project(x.view(x.shape[0], 2, 2)) + self.positions(torch.arange(2)[None])  # [b, T = 2, 8]
+        h = h.transpose(0, 1)
+        logits = self.head(self.attention(h, h, h, need_weights=False)[0].mean(0))
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+
+class TinyViT(nn.Module):
+    """timm's ViT: its class token and position embedding get one copy per sample while recording."""
+
+    def __init__(self):
+        super().__init__()
+        import timm
+
+        self.vit = timm.create_model("vit_tiny_patch16_224", img_size=4, patch_size=2, in_chans=1, embed_dim=4,
+                                     depth=1, num_heads=1, num_classes=3)
+
+    def forward(self, x, labels=None):
+        logits = self.vit(x.view(x.shape[0], 1, 2, 2).repeat(1, 1, 2, 2))
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+
+@pytest.mark.parametrize("build", [SharedPositionsAttention, TinyViT], ids=["positions-attention", "timm-vit"])
+def test_an_interrupt_at_any_line_of_the_exact_estimators_step_leaves_the_model_as_it_was(monkeypatch, build):
+    """The sweep above, at every line of the exact estimator's recording (the rest of the step is swept above), on
+    models that make it change more: per-row position ids, ``F.linear`` recorded, broadcast parameters swapped for
+    per-sample copies."""
+    x, y = SWEEP_BATCH
+    torch.manual_seed(0)
+    template = build().train()
+
+    def step(model, tracer):
+        sharpness_step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam", rwsam_estimator="exact"))
+        seed_everything()
+        traced(tracer, lambda: sharpness_step(model, {"x": x, "labels": y}, sweep_loss))
+
+    recording = {"record", "recording", "restore", "_enter", "_per_sample_ids", "_keep", "_record", "linear",
+                 "_tracked", "parameters_registered"}
+    interrupt_sweep(monkeypatch, template, step, within=("sharpness/ghost.py", recording))
 
 
 @pytest.mark.parametrize("settings", [

@@ -67,6 +67,7 @@ from .norm_rules import (
     linear_rule,
     norm_rule,
 )
+from .state import restored
 
 logger = logging.getLogger(__name__)
 
@@ -169,18 +170,6 @@ class _Use:
     rows: int | None
 
 
-def _finish_all(*actions: Callable[[], None]) -> None:
-    """Runs every action even if one is interrupted (Ctrl-C) or fails, then raises the first exception."""
-    first = None
-    for action in actions:
-        try:
-            action()
-        except BaseException as err:  # noqa: BLE001 -- finish the restores, then re-raise
-            first = first or err
-    if first is not None:
-        raise first
-
-
 class PerSampleGradients:
     """Per-sample gradient norms of a model's loss on a batch, from one backward, and the Gibbs-weighted gradient.
 
@@ -226,6 +215,7 @@ class PerSampleGradients:
         self._disproven: dict[int, str] = {}  # parameter id -> why it takes the batched estimator for the run
         self._warned: set[int] = set()
         self._expand_shared = True  # give [1, T] ids to every row and one copy of broadcast parameters per sample
+        self._swapped = False  # the broadcast parameters' copies are in their modules
         self._batched: list[nn.Parameter] = []  # what the last `norms` took by batched backward passes
         self._reset()
 
@@ -250,46 +240,56 @@ class PerSampleGradients:
     def recording(self, batch_size: int) -> Iterator[None]:
         """Keeps each layer call's inputs and output during the forward (and ``F.linear`` calls on the parameters
         outside the hooked layers); broadcast parameters are one leaf copy per sample meanwhile. Everything is put
-        back on leaving, also when the forward or an interrupt ends the block."""
+        back on leaving, also when the forward raises or an interrupt lands anywhere (`state.restored`)."""
         self._reset()
         self.b = batch_size
         if batch_size == 1:  # one sample: its gradient is the batch's, taken by one ordinary backward
             yield
             return
-        hooked = [module for module, _ in self.layers]
-        swapped = []
         original_linear = F.linear
 
-        def restore_hooks():
-            for module in hooked:
+        def restore():
+            F.linear = original_linear
+            for module, _ in self.layers:
                 _remove_hook(module._forward_pre_hooks, self._enter)
                 _remove_hook(module._forward_pre_hooks, self._per_sample_ids)
                 _remove_hook(module._forward_hooks, self._keep)
-
-        def restore_parameters():
-            for module, name, p in swapped:
+            for module, name, p in self._broadcast:
                 module._parameters[name] = p
+            self._swapped = False
 
-        def restore_linear():
-            F.linear = original_linear
-
-        try:
+        with restored(restore):
             for module, registered in self.layers:
                 module.register_forward_pre_hook(self._enter)
                 if registered.rule is embedding_rule and self._expand_shared:
                     module.register_forward_pre_hook(self._per_sample_ids)
                 module.register_forward_hook(self._keep, always_call=True)
-            if self._expand_shared and batch_size > 1:
-                for module, name, p in self._broadcast:
-                    copy = p.detach().expand(batch_size, *p.shape[1:]).clone().requires_grad_(True)
-                    swapped.append((module, name, p))
+            if self._expand_shared:
+                self._copies = [(p, p.detach().expand(batch_size, *p.shape[1:]).clone().requires_grad_(True))
+                                for _, _, p in self._broadcast]
+                self._swapped = True
+                for (module, name, _), (_, copy) in zip(self._broadcast, self._copies):
                     module._parameters[name] = copy
-                    self._copies.append((p, copy))
             if not self.coupled:
                 F.linear = self._functional_linear(original_linear)
             yield
-        finally:
-            _finish_all(restore_linear, restore_hooks, restore_parameters)
+
+    @contextlib.contextmanager
+    def parameters_registered(self) -> Iterator[None]:
+        """The model's own parameters in their modules inside the block, in place of the per-sample copies the
+        recording gives the broadcast ones (a save during the recorded forward writes the parameters)."""
+        if not self._swapped:
+            yield
+            return
+
+        def restore():
+            for (module, name, _), (_, copy) in zip(self._broadcast, self._copies):
+                module._parameters[name] = copy
+
+        with restored(restore):
+            for module, name, p in self._broadcast:
+                module._parameters[name] = p
+            yield
 
     def record(self, forward: Callable[[], Any], batch_size: int,
                replay: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Any:

@@ -201,8 +201,9 @@ class SharpnessAwareStep:
         """The parameters hold ``x`` inside the block, also while the step holds them elsewhere (``x + e`` during the
         descent, ``x + h u`` during RW-SAM's probes), and what they held before after it: a save made during the step
         (a signal handler's, a callback's in the descent) writes ``x``. Outside a step it changes nothing."""
-        params = self._parameters_in_step
-        with contextlib.nullcontext() if params is None else params.original_values():
+        params, exact = self._parameters_in_step, self._exact_pass
+        with contextlib.nullcontext() if params is None else params.original_values(), \
+                contextlib.nullcontext() if exact is None else exact.parameters_registered():
             yield
 
     def pop_metrics(self) -> dict[str, torch.Tensor]:
