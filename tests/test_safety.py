@@ -578,3 +578,28 @@ def test_a_save_made_during_the_step_writes_x_and_training_goes_on_unaffected(tm
         for name, value in x_then.items():
             assert torch.equal(saved[name], value), f"{folder}: {name} is not x"
     assert torch.equal(flat_params(saving), flat_params(train())), "a save during the step changed the training"
+
+
+def test_a_save_during_the_exact_estimators_forward_writes_the_parameters_not_their_per_sample_copies():
+    """While the exact estimator records, a timm ViT's class token and position embedding are per-sample copies
+    ``[b, ...]`` in their module; `original_parameters()` puts the parameters themselves back for the save."""
+    torch.manual_seed(0)
+    model = TinyViT().train()
+    x, y = SWEEP_BATCH
+    x_before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam", rwsam_estimator="exact"))
+    seen = []
+
+    def save_during_forward(module, args, output):
+        if not isinstance(model.vit.cls_token, nn.Parameter):
+            with step.original_parameters():
+                seen.append({k: v.clone() for k, v in model.state_dict().items()})
+            seen.append(model.vit._parameters["cls_token"].shape)  # the copy again after the block
+
+    model.vit.head.register_forward_hook(save_during_forward)
+    step(model, {"x": x, "labels": y}, sweep_loss)
+    assert len(seen) == 2, "the hook saw no recorded forward (with per-sample copies)"
+    saved, shape_after = seen
+    assert shape_after[0] == len(y), "the copies are back in the module after the save"
+    for name, value in x_before.items():
+        assert torch.equal(saved[name], value), f"{name} saved is not x"
