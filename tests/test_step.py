@@ -356,3 +356,33 @@ def test_a_causal_lms_loss_in_a_plain_loop_is_met_with_the_advice_to_shift_the_l
                               default_per_sample_loss=functools.partial(per_sample_loss, shift_labels=True))
     step(model, batch, lm_loss)
     assert step._per_sample_losses_checked and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_rwsam_exposes_each_samples_loss_norm_weight_and_margin_after_the_step():
+    """`sample_scores` after an RW-SAM step: the per-sample losses and margins of the batch at x (computed plainly here),
+    the norms the weights came from, and weights summing to 1 in the batch's order."""
+    import torch.nn.functional as F
+
+    from hf_rwsam.sharpness import SharpnessAwareStep, SharpnessSettings
+    from utils import TinyMLP, make_tensors
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    x, y = make_tensors(8)
+
+    def loss_fn(m, batch, return_outputs=False):
+        out = m(batch["x"], labels=batch["labels"])
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    with torch.no_grad():
+        logits = model(x)["logits"]
+    step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam", rwsam_estimator="exact", rwsam_lambda=2.0))
+    assert step.sample_scores is None
+    step(model, {"x": x, "labels": y}, loss_fn)
+    scores = step.sample_scores
+    torch.testing.assert_close(scores.losses, F.cross_entropy(logits, y, reduction="none"))
+    others = logits.clone()
+    others[torch.arange(8), y] = float("-inf")
+    torch.testing.assert_close(scores.margins, logits[torch.arange(8), y] - others.max(1).values)
+    torch.testing.assert_close(scores.weights, torch.softmax(2.0 * scores.norms / scores.norms.mean(), 0))
+    assert scores.norms.shape == (8,) and not scores.norms.requires_grad

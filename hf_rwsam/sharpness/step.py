@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from collections import defaultdict
 from typing import Any, Callable, Iterator, Mapping
 
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 from ..columns import NOISE_COLUMN
-from ..losses import PER_SAMPLE_LOSS_EXAMPLE, PerSampleLossFunc, model_logits, per_sample_loss
+from ..losses import PER_SAMPLE_LOSS_EXAMPLE, PerSampleLossFunc, classification_margins, model_logits, per_sample_loss
 from .host import TorchHost
 from .msam import batch_size, split_batch, vmap_msam_step
 from .perturb import perturbed, sam_perturbation
@@ -85,6 +86,18 @@ class _RunningMeans:
         return means
 
 
+@dataclass
+class SampleScores:
+    """What an RW-SAM step knows of each sample of its micro-batch (this process's rows, in the batch's order), all
+    fp32 ``[b]`` and detached: the per-sample loss at ``x``, the gradient norm estimate ``n_i``, the Gibbs weight
+    ``p_i`` and, for classifiers, the margin of the given label's logit over the largest other one (None otherwise)."""
+
+    losses: torch.Tensor
+    norms: torch.Tensor
+    weights: torch.Tensor
+    margins: torch.Tensor | None
+
+
 class SharpnessAwareStep:
     """One sharpness-aware training step on a micro-batch, for any loop.
 
@@ -104,6 +117,8 @@ class SharpnessAwareStep:
     Call it as ``step(model, inputs, loss_fn, descent=None, *, global_step=None, reference_loss_fn=None)``: see
     `__call__`. `pop_metrics` returns the diagnostics averaged since the last call. A save made during a step (from a
     signal handler, or a callback in the descent) goes inside ``with step.original_parameters():`` to write ``x``.
+    After each RW-SAM micro-batch, `sample_scores` holds its samples' losses, norm estimates, weights and margins
+    (`SampleScores`), for a loop that reports on individual samples (mislabeled ones, say).
     """
 
     def __init__(
@@ -127,6 +142,7 @@ class SharpnessAwareStep:
         self._warned_vmap_uncompiled = False
         self._warned_exact_uncompiled = False
         self._exact_pass: PerSampleGradients | None = None
+        self.sample_scores: SampleScores | None = None  # the last RW-SAM micro-batch's, for per-sample reports
         self._sharding_checked = False
         self._warned_low_precision_probes = False
         self._fd_step_checked = False
@@ -283,6 +299,7 @@ class SharpnessAwareStep:
             )
         if not self._per_sample_losses_checked:
             self._check_per_sample_losses(model, inputs, outputs, losses, value, reference_loss_fn, rng, bn_modules)
+        margins = classification_margins(outputs, self._labels(inputs))
         del outputs
         if exact:
             norms = per_sample.norms(losses, self._loss_scale())
@@ -293,6 +310,7 @@ class SharpnessAwareStep:
                                      return_lambda=True)
         self._log_weights(weights, lam, noisy)
         weights = self._local_slice(weights)
+        self.sample_scores = SampleScores(losses.detach(), self._local_slice(norms), weights, margins)
         if exact:
             # detached: the ascent's graph (kept for the batched estimator) is freed before the descent allocates
             return value.detach(), per_sample.weighted_gradient(weights)
