@@ -3,14 +3,14 @@ settings cannot do with the other training arguments and with the trainer built 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from accelerate.utils import DistributedType
 from transformers import TrainingArguments
 from transformers.utils import logging
 
 from .losses import PER_SAMPLE_LOSS_EXAMPLE
-from .sharpness.settings import SharpnessSettings
+from .sharpness.settings import FALSE_STRINGS, TRUE_STRINGS, SharpnessSettings
 from .sharpness.sharding import sharded_step_problems
 
 logger = logging.get_logger(__name__)
@@ -57,6 +57,12 @@ def check_training_arguments(args) -> None:
     Raises:
         `ValueError` naming the field, the value and what is allowed.
     """
+    if getattr(args, "report_label_issues", False) and args.sam_mode != "rwsam":
+        raise args.refuse(
+            "report_label_issues", True,
+            f"the label-issue report summarises RW-SAM's per-sample scores, which sam_mode={args.sam_mode!r} does not "
+            "compute; set sam_mode='rwsam' (either rwsam_estimator) or report_label_issues=False",
+        )
     if args.sam_mode == "msam" and args.per_device_train_batch_size % args.msam_micro_batch_size:
         raise args.refuse(
             "msam_micro_batch_size", args.msam_micro_batch_size,
@@ -181,9 +187,25 @@ class RWSAMConfig(SharpnessSettings, TrainingArguments):
     To give another trainer's configuration the same fields (for `SharpnessAwareMixin`), put `SharpnessSettings`
     first, so that the other configuration's own defaults stay as they are:
     ``@dataclass class RWSAMSFTConfig(SharpnessSettings, SFTConfig): pass``.
+
+    Parameters:
+        report_label_issues (`bool`, defaults to `False`):
+            With ``sam_mode="rwsam"``: keep, per training example, a running summary of RW-SAM's per-sample scores and
+            write at the end of `train` the examples that look mislabeled (`hf_rwsam.label_issues`,
+            ``output_dir/label_issues.csv``, `RWSAMTrainer.label_issues`); no extra forward or backward pass.
     """
+
+    report_label_issues: bool = field(
+        default=False,
+        metadata={"help": "RW-SAM: report the training examples that look mislabeled (output_dir/label_issues.csv)."},
+    )
 
     def validate(self):
         """The settings' own checks, then those involving the Trainer's (before `TrainingArguments` acts on them)."""
         super().validate()
+        value = self.report_label_issues
+        if isinstance(value, str) and value.lower() in TRUE_STRINGS + FALSE_STRINGS:
+            self.report_label_issues = value.lower() in TRUE_STRINGS
+        elif not isinstance(value, bool):
+            raise self.refuse("report_label_issues", value, "it must be True or False")
         check_training_arguments(self)

@@ -4,7 +4,9 @@ The step itself is `hf_rwsam.sharpness.SharpnessAwareStep` (ALGORITHMS.md). This
 builds the step from the `RWSAMConfig` and the Trainer's Accelerator, hands it the Trainer's `compute_loss` as the
 objective (``compute_loss_func``, label smoothing and the model's own loss terms included) and the Trainer's own
 `training_step` as the descent (its accumulation scaling, AMP scaler and DDP sync), reports the clean loss in the units
-the Trainer logs, adds the step's diagnostics to the logs, and writes model cards.
+the Trainer logs, adds the step's diagnostics to the logs, and writes model cards. With
+``report_label_issues`` it carries each example's index to the step and keeps the label-issue report
+(`hf_rwsam.label_issues`) from the step's per-sample scores.
 
 The mixin makes any Trainer subclass sharpness-aware, e.g. TRL's::
 
@@ -28,19 +30,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .cards import render_model_card
-from .columns import NOISE_COLUMN
+from .columns import INDEX_COLUMN, NOISE_COLUMN
 from .config import RWSAMConfig, check_trainer_setup, check_training_arguments
-from .data import label_noise_info
-from .losses import PerSampleLossFunc, per_sample_loss
+from .data import ExampleIndexed, label_noise_info
+from .label_issues import LABEL_ISSUES_CSV, LabelIssueReport
+from .losses import PerSampleLossFunc, model_logits, per_sample_loss
 from .sharpness import AccelerateHost, SharpnessAwareStep, SharpnessSettings
 from .sharpness.state import restored
 
 logger = logging.get_logger(__name__)
+
+LABEL_ISSUES_STATE = "label_issues_state.pt"
+"""The running label-issue report in a checkpoint, so that a resumed run's report covers the whole training."""
 
 
 class SharpnessAwareMixin:
@@ -93,6 +100,13 @@ class SharpnessAwareMixin:
         self._descent_share = 1  # m-SAM: the descent's loss divided by it when the Trainer would not
         self._loss_counts_items: bool | None = None  # whether compute_loss divides by num_items_in_batch
         self._sharpness_sum, self._sharpness_steps = 0.0, set()
+        self._label_issues: LabelIssueReport | None = None  # the running report, during `train`
+        self._label_issue_results: tuple | None = None  # (the report as a Dataset, its summary) after `train`
+        self._ascent_predictions: torch.Tensor | None = None  # the predicted classes of the step's ascent at x
+        if self._reports_label_issues():
+            if self.train_dataset is not None:
+                ExampleIndexed(self.train_dataset)  # refuses, by name, a training set without positions
+            self.add_callback(_LabelIssueAUROC(self))
 
     def _loss_shifts_tokens(self, unwrapped) -> bool:
         """Whether the loss predicts token t + 1 at position t: a causal LM (its class or a parent's, also under a PEFT
@@ -106,12 +120,13 @@ class SharpnessAwareMixin:
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         if self.args.sam_mode == "none":
             return super().training_step(model, inputs, num_items_in_batch)
-        noisy = inputs.get(NOISE_COLUMN)
+        noisy, index = inputs.get(NOISE_COLUMN), inputs.get(INDEX_COLUMN)
         inputs = self._prepare_inputs(inputs)
         if noisy is not None:
             inputs[NOISE_COLUMN] = noisy
         model.train()
         self.sharpness_step.seed = self.args.seed  # as the Trainer reads it, also when changed after construction
+        self._ascent_predictions = None
         reported: list[torch.Tensor] = []  # what the Trainer's own steps returned, and the losses they computed
         perturbed: list[torch.Tensor] = []
         clean = self.sharpness_step(
@@ -133,6 +148,8 @@ class SharpnessAwareMixin:
         # Sharpness in those units too: summed over the accumulation window and averaged over steps, as the loss is
         self._sharpness_sum = self._sharpness_sum + (reported_total.detach() - clean)
         self._sharpness_steps.add(self.state.global_step)
+        if self._label_issues is not None:
+            self._record_label_issues(index, inputs, noisy)
         return clean
 
     def _objective(self, num_items_in_batch):
@@ -140,8 +157,13 @@ class SharpnessAwareMixin:
 
         def loss_fn(model, inputs, return_outputs=False):
             with self.compute_loss_context_manager(), self._side_effects_discarded():
-                return self.compute_loss(model, dict(inputs), return_outputs=return_outputs,
-                                         num_items_in_batch=num_items_in_batch)
+                result = self.compute_loss(model, dict(inputs), return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+            if return_outputs and self._label_issues is not None and torch.is_grad_enabled():
+                # RW-SAM's ascent at x: the step's only pass through its objective with gradient (its probes and
+                # checks run without), the forward its per-sample scores come from
+                self._ascent_predictions = model_logits(result[1]).detach().argmax(-1)
+            return result
 
         return loss_fn
 
@@ -239,20 +261,143 @@ class SharpnessAwareMixin:
         with self.sharpness_step.original_parameters():
             super()._save(output_dir, state_dict)
 
+    # ------------------------------------------------------------------ the label-issue report
+
+    def _reports_label_issues(self) -> bool:
+        return bool(getattr(self.args, "report_label_issues", False))
+
+    def train(self, *args, **kwargs):
+        """The trainer's; with ``report_label_issues``, it keeps the report meanwhile and, at the end, writes
+        ``output_dir/label_issues.csv`` (`label_issues` returns the same rows)."""
+        if not self._reports_label_issues() or self.train_dataset is None:
+            return super().train(*args, **kwargs)
+
+        def restore():
+            self._label_issues = None
+
+        with restored(restore):
+            self._label_issues = LabelIssueReport(len(ExampleIndexed(self.train_dataset)))
+            output = super().train(*args, **kwargs)
+            self._finish_label_issues()
+        return output
+
+    def label_issues(self):
+        """The label-issue report of the last `train` (``report_label_issues=True``): a `datasets.Dataset` of every
+        training example, the most likely mislabeled first, with its ``index`` in ``train_dataset``, ``score``,
+        given ``label``, the model's ``prediction``, whether it is ``flagged`` (its score is above the threshold) and,
+        when the dataset says so, ``is_noisy``; the rows of ``output_dir/label_issues.csv``."""
+        if self._label_issue_results is None:
+            raise ValueError(
+                f"{type(self).__name__}.label_issues(): no report yet; set report_label_issues=True (with "
+                "sam_mode='rwsam') and call train() first."
+            )
+        return self._label_issue_results[0]
+
+    def get_train_dataloader(self):
+        """The trainer's; with ``report_label_issues``, its rows also carry their position in ``train_dataset``
+        (`ExampleIndexed`), which the collator passes on and `_prepare_inputs` takes out again."""
+        dataset = self.train_dataset
+        if self._label_issues is None or dataset is None:
+            return super().get_train_dataloader()
+
+        def restore():
+            self.train_dataset = dataset
+
+        with restored(restore):
+            self.train_dataset = ExampleIndexed(dataset)
+            return super().get_train_dataloader()
+
+    def _record_label_issues(self, index, inputs, noisy) -> None:
+        """Adds this micro-batch's per-sample scores (the step's `sample_scores`) to the report."""
+        if index is None:
+            raise ValueError(
+                f"report_label_issues: the batch carries no {INDEX_COLUMN!r}. It is added to the rows by "
+                "get_train_dataloader and must reach the training step: use a collator that passes the column on "
+                "(hf_rwsam.data.collate_images and transformers' collators do)."
+            )
+        scores = self.sharpness_step.sample_scores
+        if scores.margins is None:
+            raise ValueError(
+                "report_label_issues needs a classifier: one row of class logits per sample and integer labels "
+                f"(the outputs of {type(self.accelerator.unwrap_model(self.model)).__name__} are not)."
+            )
+        label_name = next(name for name in self.sharpness_step.label_names if name in inputs)
+        self._label_issues.update(index, scores, inputs[label_name], self._ascent_predictions, noisy)
+
+    def _merged_label_issues(self) -> LabelIssueReport:
+        """The report over every process (a collective)."""
+        device = self.args.device
+        return self._label_issues.merged(lambda values: self.accelerator.gather(values.to(device)).cpu())
+
+    def _finish_label_issues(self) -> None:
+        report = self._merged_label_issues()
+        dataset, summary = report.to_dataset(), report.summary()
+        self._label_issue_results = dataset, summary
+        if self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            dataset.to_pandas().to_csv(os.path.join(self.args.output_dir, LABEL_ISSUES_CSV), index=False)
+        unseen = summary["num_examples"] - summary["num_scored"]
+        if unseen:
+            logger.warning(f"The label-issue report has no score for {unseen} of {summary['num_examples']} examples: "
+                           "training never reached them (max_steps, dataloader_drop_last); they come last.")
+        auroc = "" if summary["auroc"] is None else f"; AUROC against is_noisy {summary['auroc']:.4f}"
+        logger.info(f"Label issues: {summary['num_flagged']} of {summary['num_examples']} examples flagged (score > "
+                    f"{summary['threshold']}){auroc}; every example in {LABEL_ISSUES_CSV}.")
+
+    def _log_label_issue_auroc(self) -> None:
+        """Logs ``label_issues/auroc`` when the training set marks its corrupted labels (``is_noisy``)."""
+        if self._label_issues is None:
+            return
+        auroc = self._merged_label_issues().auroc()
+        if auroc is not None:
+            self.log({"label_issues/auroc": auroc})
+
     def _save_checkpoint(self, model, trial) -> None:
         with self.sharpness_step.original_parameters():
             super()._save_checkpoint(model, trial)
+        if self._label_issues is not None:
+            state = self._merged_label_issues().state_dict()
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if self.args.should_save:
+                torch.save(state, os.path.join(folder, LABEL_ISSUES_STATE))
 
-    # ------------------------------------------------------------------ the noise column never reaches the model
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        """The trainer's, and the label-issue report saved with the checkpoint: a resumed report goes on from it."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._label_issues is None:
+            return
+        path = os.path.join(resume_from_checkpoint, LABEL_ISSUES_STATE)
+        if not os.path.exists(path):
+            logger.warning(f"{resume_from_checkpoint} holds no label-issue report (it was saved without "
+                           "report_label_issues): the report covers only the steps after the resume.")
+            return
+        state = torch.load(path, weights_only=True)
+        if self.accelerator.process_index == 0:  # the saved report is every process's: it is counted once
+            self._label_issues.load_state_dict(state)
+        else:
+            self._label_issues.updates = state["updates"]
+
+    # ------------------------------------------------------------------ columns that never reach the model
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if NOISE_COLUMN not in self._signature_columns:
-            self._signature_columns.append(NOISE_COLUMN)
+        for column in (NOISE_COLUMN, INDEX_COLUMN):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     def _prepare_inputs(self, inputs):
-        """The trainer's, minus the `is_noisy` column (RW-SAM's diagnostics only)."""
-        return super()._prepare_inputs({k: v for k, v in inputs.items() if k != NOISE_COLUMN})
+        """The trainer's, minus the ``is_noisy`` and ``example_index`` columns (for diagnostics and the report)."""
+        return super()._prepare_inputs({k: v for k, v in inputs.items() if k not in (NOISE_COLUMN, INDEX_COLUMN)})
+
+
+class _LabelIssueAUROC(TrainerCallback):
+    """Logs the label-issue report's AUROC at the end of every epoch (`SharpnessAwareMixin._log_label_issue_auroc`)."""
+
+    def __init__(self, trainer: SharpnessAwareMixin):
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer._log_label_issue_auroc()
 
 
 class RWSAMTrainer(SharpnessAwareMixin, Trainer):
@@ -316,6 +461,7 @@ class RWSAMTrainer(SharpnessAwareMixin, Trainer):
             repo_id=hub_id or folder,
             dataset_name=dataset_name or self.dataset_name,
             noise_info=noise_info,
+            label_issues=None if self._label_issue_results is None else self._label_issue_results[1],
             **card_data,
         )
         # Written aside and renamed into place: an upload reading the folder sees the old card or the new one, never
