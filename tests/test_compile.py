@@ -41,7 +41,7 @@ def one_step(tmp_path, compiled, settings):
 @pytest.mark.parametrize("name", list(MODES))
 def test_one_compiled_step_equals_one_eager_step(tmp_path, name):
     eager = one_step(tmp_path / "eager", False, MODES[name])
-    with CaptureLogger(logging.get_logger("hf_rwsam.sharpness.step")) as captured:
+    with CaptureLogger(logging.get_logger("hf_rwsam.sharpness")) as captured:
         compiled = one_step(tmp_path / "compiled", True, MODES[name])
     assert hasattr(compiled.model_wrapped, "_orig_mod"), "the Trainer did not compile the model"
     ours, reference = flat_params(compiled.accelerator.unwrap_model(compiled.model)), flat_params(eager.model)

@@ -206,11 +206,11 @@ def test_msam_auto_falls_back_to_loop(tmp_path):
     model = ItemMLP().float()
     common = dict(sam_mode="msam", msam_micro_batch_size=m, per_device_train_batch_size=b, max_steps=steps)
 
-    logger = logging.get_logger("hf_rwsam.sharpness.step")
+    logger = logging.get_logger("hf_rwsam.sharpness")
     with CaptureLogger(logger) as captured:
         auto = _train(copy.deepcopy(model), dataset, tmp_path, "auto", msam_implementation="auto", **common)
     assert auto.state.global_step == steps
-    assert auto.sharpness_step._msam_vmap_ok is False
+    assert auto.sharpness_step.msam.vmap_ok is False
     assert "loop" in captured.out and "m-SAM" in captured.out, captured.out
     assert captured.out.count("m-SAM") == 1, "the fallback should be decided (and logged) once"
 
@@ -231,7 +231,7 @@ def test_msam_auto_uses_vmap_where_it_runs(tmp_path):
         _mlp(), tensor_dataset(x, y), tmp_path, "auto", sam_mode="msam", msam_micro_batch_size=m,
         per_device_train_batch_size=b, max_steps=1, msam_implementation="auto",
     )
-    assert trainer.sharpness_step._msam_vmap_ok is True
+    assert trainer.sharpness_step.msam.vmap_ok is True
 
 
 # ---------------------------------------------------------------------------------------------- accumulation = m-SAM

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from hf_rwsam import gibbs_weights, sample_grad_norms
-from hf_rwsam.sharpness.reweight import default_fd_step
+from hf_rwsam.sharpness.estimators import default_fd_step
 
 from utils import SequentialTrainer, TinyMLP, flat_params, make_tensors, relative_error, sgd_config, tensor_dataset
 
@@ -574,7 +574,7 @@ def test_noisy_weight_mass_is_the_noisy_fraction_under_uniform_weights(tmp_path)
 def test_fd_probes_of_shards_shift_every_coordinate_by_h_over_the_root_of_the_whole_models_size():
     # Under FSDP a process sees only its shards; the shift must use d of the whole model, not of the shards:
     # each coordinate moves by +-h/sqrt(d).
-    from hf_rwsam.sharpness.reweight import fd_probe_losses
+    from hf_rwsam.sharpness.estimators import fd_probe_losses
 
     shards = [torch.zeros(3, 4), torch.zeros(5)]
     seen = []

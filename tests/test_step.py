@@ -89,7 +89,7 @@ def test_msam_in_a_plain_loop_matches_sequential_msam(implementation):
     ours, step = plain_loop(_model(), x, y, settings)
     reference = msam_reference(_model(), x, y, 2, 0.05, LR, STEPS)
     assert relative_error(flat_params(ours), flat_params(reference)) <= TOL
-    assert step._msam_vmap_ok is (True if implementation == "vmap" else None)
+    assert step.msam.vmap_ok is (True if implementation == "vmap" else None)
 
 
 def test_rwsam_exact_in_a_plain_loop_matches_the_gibbs_reference():
@@ -216,7 +216,7 @@ def test_vmap_msam_refuses_a_grad_scaler_and_auto_uses_the_loop():
             _model(), {"x": x, "labels": y}, loss_fn)
     auto = SharpnessAwareStep(SharpnessSettings(**settings), TorchHost(scaler))
     auto(_model(), {"x": x, "labels": y}, loss_fn)
-    assert auto._msam_vmap_ok is None  # never tried: the loop ran
+    assert auto.msam.vmap_ok is None  # never tried: the loop ran
 
 
 def test_unwrap_looks_through_ddp_and_compile_only():
@@ -271,6 +271,7 @@ def test_an_fd_step_fp32_cannot_resolve_for_this_model_is_refused_on_the_first_s
     against exact per-sample norms (a loop of backward calls) fd at that h is off by more than 100%, at the default h
     by the sampling floor only (~6% with 64 probes)."""
     from hf_rwsam import sample_grad_norms
+    from hf_rwsam.sharpness.estimators import fd_norms, fd_probe_losses
 
     from test_rwsam import loop_grad_norms, per_sample_ce
 
@@ -284,14 +285,20 @@ def test_an_fd_step_fp32_cannot_resolve_for_this_model_is_refused_on_the_first_s
     assert torch.equal(flat_params(model), before) and all(p.grad is None for p in model.parameters())
 
     exact = loop_grad_norms(model, x, y)
+    params = list(model.parameters())
 
-    def fd_error(fd_step):
-        fd = sample_grad_norms(model, {"x": x, "labels": y}, per_sample_ce, method="fd", num_probes=64,
-                               fd_step=fd_step, generator=torch.Generator().manual_seed(0))
+    def fd_error(fd_step):  # the estimator's own pieces: sample_grad_norms refuses such an h as the step does
+        with torch.no_grad():
+            clean = per_sample_ce(model, {"x": x, "labels": y})
+        probes = fd_probe_losses(lambda: per_sample_ce(model, {"x": x, "labels": y}), params, 64, fd_step,
+                                 torch.Generator().manual_seed(0))
+        fd = fd_norms(probes, clean, sum(p.numel() for p in params), fd_step)
         return float(((fd - exact).abs() / exact).mean())
 
     assert fd_error(h) > 1.0
     assert fd_error(None) < 0.1
+    with pytest.raises(ValueError, match=r"rwsam_fd_step=.* cannot resolve"):
+        sample_grad_norms(model, {"x": x, "labels": y}, per_sample_ce, method="fd", fd_step=h)
     SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam"))(model, {"x": x, "labels": y}, loss_fn)  # the default runs
 
 
@@ -322,7 +329,7 @@ def test_the_users_error_on_the_first_vmap_step_is_reported_as_the_users(impleme
     with pytest.raises(KeyError, match="the user's loss reads a column") as info:
         step(model, {"x": x, "labels": y}, broken_loss)
     assert "torch.func" not in str(info.value) and info.value.__suppress_context__
-    assert step._msam_vmap_ok is None  # undecided: the next step tries the vmap again
+    assert step.msam.vmap_ok is None  # undecided: the next step tries the vmap again
     assert torch.equal(flat_params(model), before) and all(p.grad is None for p in model.parameters())
 
 
@@ -355,7 +362,7 @@ def test_a_causal_lms_loss_in_a_plain_loop_is_met_with_the_advice_to_shift_the_l
     step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam"),
                               default_per_sample_loss=functools.partial(per_sample_loss, shift_labels=True))
     step(model, batch, lm_loss)
-    assert step._per_sample_losses_checked and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert step.per_sample_losses.checked and all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_rwsam_exposes_each_samples_loss_norm_weight_and_margin_after_the_step():
