@@ -11,6 +11,7 @@ Tolerances as in test_sam_reference.py (fp32, same formulas in another order: ~1
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -126,11 +127,30 @@ def test_fd_probes_are_drawn_again_from_the_step_index():
 
 def test_the_engine_imports_nothing_from_transformers():
     sharpness = Path(__file__).resolve().parents[1] / "hf_rwsam" / "sharpness"
-    for path in sharpness.glob("*.py"):
+    for path in sharpness.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] == "transformers" for n in names), f"{path.name} imports {names}"
+
+
+def test_importing_the_engine_loads_neither_transformers_nor_timm_datasets_torchvision():
+    """``import hf_rwsam.sharpness`` (its parent package included: the top level imports lazily) in a fresh
+    interpreter; ``import hf_rwsam`` then registers the architectures once timm is imported, by whoever."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json\n"
+        "import hf_rwsam.sharpness\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'timm', 'datasets', 'torchvision', "
+        "'accelerate'})\n"
+        "import timm\n"
+        "print(json.dumps([heavy, 'small_cnn_gn' in timm.list_models()]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    heavy, registered = json.loads(out.strip().splitlines()[-1])
+    assert heavy == [] and registered
 
 
 def test_msam_batch_that_does_not_split_is_refused_by_name():
