@@ -16,16 +16,10 @@ from transformers.utils import logging
 
 from hf_rwsam import RWSAMTrainer
 
+from references import EVERY_MODE
 from utils import TinyMLP, flat_params, make_tensors, relative_error, sgd_config, tensor_dataset
 
-MODES = {
-    "sam": dict(sam_mode="sam", sam_rho=0.3),
-    "asam": dict(sam_mode="sam", sam_rho=0.3, sam_adaptive=True),
-    "msam_loop": dict(sam_mode="msam", msam_micro_batch_size=4, msam_implementation="loop", sam_rho=0.3),
-    "msam_vmap": dict(sam_mode="msam", msam_micro_batch_size=4, msam_implementation="vmap", sam_rho=0.3),
-    "rwsam_fd": dict(sam_mode="rwsam", rwsam_lambda=4.0, rwsam_num_probes=2, sam_rho=0.3),
-    "rwsam_exact": dict(sam_mode="rwsam", rwsam_estimator="exact", rwsam_lambda=4.0, sam_rho=0.3),
-}
+MODES = {name: {**settings, "sam_rho": 0.3} for name, settings in EVERY_MODE.items()}
 
 
 def one_step(tmp_path, compiled, settings):

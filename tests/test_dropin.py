@@ -169,7 +169,7 @@ def test_a_causal_lm_subclass_shifts_its_labels(tmp_path):
     """The per-sample rule shifts labels for causal LMs known by a parent class too (a subclass, a PEFT wrapper)."""
     from transformers import GPT2LMHeadModel
 
-    from test_objective import tiny_gpt2, token_dataset
+    from utils import tiny_gpt2, token_dataset
 
     class MyLM(GPT2LMHeadModel):
         pass

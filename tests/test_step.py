@@ -17,13 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from pytorch_optimizer import SAM
 
 from hf_rwsam import SharpnessAwareStep, SharpnessSettings
 from hf_rwsam.sharpness import TorchHost
 
-from test_msam import msam_reference
-from test_objective import reference_rwsam
+from references import (
+    loop_grad_norms,
+    msam_reference,
+    per_sample_ce,
+    pytorch_optimizer_sam,
+    ref_gibbs,
+    reference_rwsam,
+)
 from utils import TinyMLP, flat_params, make_tensors, relative_error
 
 TOL = 1e-5
@@ -58,13 +63,7 @@ def test_sam_in_a_plain_loop_matches_pytorch_optimizer(adaptive):
     x, y = make_tensors(8, seed=1)
     ours, _ = plain_loop(_model(), x, y, SharpnessSettings(sam_mode="sam", sam_rho=0.3, sam_adaptive=adaptive,
                                                             sam_adaptive_eta=0.0))
-    reference = _model().train()
-    optimizer = SAM(reference.parameters(), torch.optim.SGD, rho=0.3, adaptive=adaptive, lr=LR, momentum=0.0)
-    for _ in range(STEPS):
-        F.cross_entropy(reference(x)["logits"], y).backward()
-        optimizer.first_step(zero_grad=True)
-        F.cross_entropy(reference(x)["logits"], y).backward()
-        optimizer.second_step(zero_grad=True)
+    reference = pytorch_optimizer_sam(_model(), x, y, 0.3, LR, STEPS, adaptive)
     assert relative_error(flat_params(ours), flat_params(reference)) <= TOL
     sgd, _ = plain_loop(_model(), x, y, SharpnessSettings(sam_mode="none"))
     assert relative_error(flat_params(ours), flat_params(sgd)) > 100 * TOL
@@ -97,14 +96,7 @@ def test_rwsam_exact_in_a_plain_loop_matches_the_gibbs_reference():
     x, y = make_tensors(8, seed=4)
     settings = SharpnessSettings(sam_mode="rwsam", rwsam_estimator="exact", rwsam_lambda=2.0, sam_rho=0.1)
     ours, step = plain_loop(_model(), x, y, settings)
-
-    def per_sample(outputs, labels):
-        return F.cross_entropy(outputs["logits"], labels, reduction="none")
-
-    def mean_loss(model, xi, yi):
-        return F.cross_entropy(model(xi)["logits"], yi)
-
-    reference = reference_rwsam(_model(), x, y, per_sample, mean_loss)
+    reference = reference_rwsam(_model(), x, y, STEPS, LR, 0.1, lambda norms: ref_gibbs(norms, lam=2.0))
     assert relative_error(flat_params(ours), flat_params(reference)) <= TOL
     metrics = step.pop_metrics()
     assert {"rwsam/ess", "rwsam/lambda", "sam/ascent_grad_norm", "sam/sharpness"} <= metrics.keys()
@@ -293,7 +285,6 @@ def test_an_fd_step_fp32_cannot_resolve_for_this_model_is_refused_on_the_first_s
     from hf_rwsam import sample_grad_norms
     from hf_rwsam.sharpness.estimators import fd_norms, fd_probe_losses
 
-    from test_rwsam import loop_grad_norms, per_sample_ce
 
     x, y = make_tensors(16, seed=5)
     model = _model()
