@@ -6,7 +6,7 @@ implementations.
 Each variant gets its own copy of the model and optimizer. Variants are timed interleaved (one step of each in turn,
 repeated) after warm-up, so machine noise hits all of them alike; the figure per variant is the median. Ratios
 compare medians of the same run. ``aten_ops``: the ATen operators one step dispatches after warm-up
-(`hf_rwsam.profiling`), what a GPU pays in kernel launches where a step is launch-bound (not for ``*_compiled``
+(`benchmarks/profiling.py`), what a GPU pays in kernel launches where a step is launch-bound (not for ``*_compiled``
 variants: under a dispatch mode compiled code runs eagerly). ``--bf16``: real autocast, checked before timing. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the peak resident
 set of a fresh subprocess that runs only that variant (the SGD subprocess is the baseline).
 """
@@ -33,7 +33,7 @@ from timm.layers import GroupNorm
 from torch import nn
 
 from hf_rwsam import RWSAMConfig, RWSAMTrainer
-from hf_rwsam.profiling import count_aten_ops
+from profiling import count_aten_ops
 
 
 class Classifier(nn.Module):

@@ -263,3 +263,20 @@ def test_rwsam_on_one_sample_per_device_says_it_is_sam_at_construction(tmp_path,
         RWSAMTrainer(model=TinyMLP(), args=sgd_config(tmp_path, sam_mode=mode, per_device_train_batch_size=batch),
                      train_dataset=tensor_dataset(x, y))
     assert ("per_device_train_batch_size=1 is SAM" in captured.out) is warned, captured.out
+
+
+def test_the_string_settings_are_choices_on_the_command_line():
+    """`Literal` types: HfArgumentParser offers their values as choices and refuses others before RWSAMConfig runs."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(RWSAMConfig)
+    actions = {a.dest: a for a in parser._actions}
+    expected = {"sam_mode": ["none", "sam", "msam", "rwsam"], "sam_perturbation_scope": ["device", "global"],
+                "msam_implementation": ["auto", "loop", "vmap"], "rwsam_estimator": ["fd", "exact"],
+                "rwsam_normalize": ["mean", "none"]}
+    for name, choices in expected.items():
+        assert list(actions[name].choices) == choices, name
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", "out", "--rwsam_estimator", "ghost"])
+    (config,) = parser.parse_args_into_dataclasses(["--output_dir", "out", "--rwsam_estimator", "exact"])
+    assert config.rwsam_estimator == "exact"

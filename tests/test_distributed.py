@@ -23,7 +23,7 @@ import psutil
 import pytest
 import torch
 
-from test_rwsam import ref_gibbs, reference_rwsam_gradient
+from references import ref_gibbs, reference_rwsam_gradient
 from utils import SequentialTrainer, TinyMLP, flat_params, make_tensors, relative_error, sgd_config, tensor_dataset
 
 WORKER = Path(__file__).parent / "distributed" / "train_worker.py"

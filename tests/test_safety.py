@@ -20,6 +20,7 @@ import hf_rwsam
 from hf_rwsam import RWSAMTrainer, SharpnessAwareStep, SharpnessSettings
 from hf_rwsam.sharpness import AccelerateHost, RNGReplay
 
+from references import EVERY_MODE
 from utils import TinyCNN, TinyMLP, flat_params, make_images, make_tensors, sgd_config, tensor_dataset
 
 
@@ -140,14 +141,8 @@ def test_checkpoint_holds_clean_weights(tmp_path):
         assert torch.equal(saved[name], value), name
 
 
-MODES = [
-    ("sam", {}),
-    ("sam", {"sam_adaptive": True}),
-    ("msam", {"msam_micro_batch_size": 4, "msam_implementation": "loop"}),
-    ("msam", {"msam_micro_batch_size": 4, "msam_implementation": "vmap"}),
-    ("rwsam", {}),
-    ("rwsam", {"rwsam_estimator": "exact", "rwsam_target_ess": 0.5}),
-]
+MODES = [pytest.param(settings["sam_mode"], {k: v for k, v in settings.items() if k != "sam_mode"}, id=name)
+         for name, settings in EVERY_MODE.items()]
 
 
 @pytest.mark.parametrize("mode,extra", MODES)

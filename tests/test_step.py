@@ -11,18 +11,24 @@ Tolerances as in test_sam_reference.py (fp32, same formulas in another order: ~1
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from pytorch_optimizer import SAM
 
 from hf_rwsam import SharpnessAwareStep, SharpnessSettings
 from hf_rwsam.sharpness import TorchHost
 
-from test_msam import msam_reference
-from test_objective import reference_rwsam
+from references import (
+    loop_grad_norms,
+    msam_reference,
+    per_sample_ce,
+    pytorch_optimizer_sam,
+    ref_gibbs,
+    reference_rwsam,
+)
 from utils import TinyMLP, flat_params, make_tensors, relative_error
 
 TOL = 1e-5
@@ -57,13 +63,7 @@ def test_sam_in_a_plain_loop_matches_pytorch_optimizer(adaptive):
     x, y = make_tensors(8, seed=1)
     ours, _ = plain_loop(_model(), x, y, SharpnessSettings(sam_mode="sam", sam_rho=0.3, sam_adaptive=adaptive,
                                                             sam_adaptive_eta=0.0))
-    reference = _model().train()
-    optimizer = SAM(reference.parameters(), torch.optim.SGD, rho=0.3, adaptive=adaptive, lr=LR, momentum=0.0)
-    for _ in range(STEPS):
-        F.cross_entropy(reference(x)["logits"], y).backward()
-        optimizer.first_step(zero_grad=True)
-        F.cross_entropy(reference(x)["logits"], y).backward()
-        optimizer.second_step(zero_grad=True)
+    reference = pytorch_optimizer_sam(_model(), x, y, 0.3, LR, STEPS, adaptive)
     assert relative_error(flat_params(ours), flat_params(reference)) <= TOL
     sgd, _ = plain_loop(_model(), x, y, SharpnessSettings(sam_mode="none"))
     assert relative_error(flat_params(ours), flat_params(sgd)) > 100 * TOL
@@ -89,21 +89,14 @@ def test_msam_in_a_plain_loop_matches_sequential_msam(implementation):
     ours, step = plain_loop(_model(), x, y, settings)
     reference = msam_reference(_model(), x, y, 2, 0.05, LR, STEPS)
     assert relative_error(flat_params(ours), flat_params(reference)) <= TOL
-    assert step._msam_vmap_ok is (True if implementation == "vmap" else None)
+    assert step.msam.vmap_ok is (True if implementation == "vmap" else None)
 
 
 def test_rwsam_exact_in_a_plain_loop_matches_the_gibbs_reference():
     x, y = make_tensors(8, seed=4)
     settings = SharpnessSettings(sam_mode="rwsam", rwsam_estimator="exact", rwsam_lambda=2.0, sam_rho=0.1)
     ours, step = plain_loop(_model(), x, y, settings)
-
-    def per_sample(outputs, labels):
-        return F.cross_entropy(outputs["logits"], labels, reduction="none")
-
-    def mean_loss(model, xi, yi):
-        return F.cross_entropy(model(xi)["logits"], yi)
-
-    reference = reference_rwsam(_model(), x, y, per_sample, mean_loss)
+    reference = reference_rwsam(_model(), x, y, STEPS, LR, 0.1, lambda norms: ref_gibbs(norms, lam=2.0))
     assert relative_error(flat_params(ours), flat_params(reference)) <= TOL
     metrics = step.pop_metrics()
     assert {"rwsam/ess", "rwsam/lambda", "sam/ascent_grad_norm", "sam/sharpness"} <= metrics.keys()
@@ -126,11 +119,30 @@ def test_fd_probes_are_drawn_again_from_the_step_index():
 
 def test_the_engine_imports_nothing_from_transformers():
     sharpness = Path(__file__).resolve().parents[1] / "hf_rwsam" / "sharpness"
-    for path in sharpness.glob("*.py"):
+    for path in sharpness.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] == "transformers" for n in names), f"{path.name} imports {names}"
+
+
+def test_importing_the_engine_loads_neither_transformers_nor_timm_datasets_torchvision():
+    """``import hf_rwsam.sharpness`` (its parent package included: the top level imports lazily) in a fresh
+    interpreter; ``import hf_rwsam`` then registers the architectures once timm is imported, by whoever."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json\n"
+        "import hf_rwsam.sharpness\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'timm', 'datasets', 'torchvision', "
+        "'accelerate'})\n"
+        "import timm\n"
+        "print(json.dumps([heavy, 'small_cnn_gn' in timm.list_models()]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    heavy, registered = json.loads(out.strip().splitlines()[-1])
+    assert heavy == [] and registered
 
 
 def test_msam_batch_that_does_not_split_is_refused_by_name():
@@ -216,7 +228,7 @@ def test_vmap_msam_refuses_a_grad_scaler_and_auto_uses_the_loop():
             _model(), {"x": x, "labels": y}, loss_fn)
     auto = SharpnessAwareStep(SharpnessSettings(**settings), TorchHost(scaler))
     auto(_model(), {"x": x, "labels": y}, loss_fn)
-    assert auto._msam_vmap_ok is None  # never tried: the loop ran
+    assert auto.msam.vmap_ok is None  # never tried: the loop ran
 
 
 def test_unwrap_looks_through_ddp_and_compile_only():
@@ -271,8 +283,8 @@ def test_an_fd_step_fp32_cannot_resolve_for_this_model_is_refused_on_the_first_s
     against exact per-sample norms (a loop of backward calls) fd at that h is off by more than 100%, at the default h
     by the sampling floor only (~6% with 64 probes)."""
     from hf_rwsam import sample_grad_norms
+    from hf_rwsam.sharpness.estimators import fd_norms, fd_probe_losses
 
-    from test_rwsam import loop_grad_norms, per_sample_ce
 
     x, y = make_tensors(16, seed=5)
     model = _model()
@@ -284,14 +296,20 @@ def test_an_fd_step_fp32_cannot_resolve_for_this_model_is_refused_on_the_first_s
     assert torch.equal(flat_params(model), before) and all(p.grad is None for p in model.parameters())
 
     exact = loop_grad_norms(model, x, y)
+    params = list(model.parameters())
 
-    def fd_error(fd_step):
-        fd = sample_grad_norms(model, {"x": x, "labels": y}, per_sample_ce, method="fd", num_probes=64,
-                               fd_step=fd_step, generator=torch.Generator().manual_seed(0))
+    def fd_error(fd_step):  # the estimator's own pieces: sample_grad_norms refuses such an h as the step does
+        with torch.no_grad():
+            clean = per_sample_ce(model, {"x": x, "labels": y})
+        probes = fd_probe_losses(lambda: per_sample_ce(model, {"x": x, "labels": y}), params, 64, fd_step,
+                                 torch.Generator().manual_seed(0))
+        fd = fd_norms(probes, clean, sum(p.numel() for p in params), fd_step)
         return float(((fd - exact).abs() / exact).mean())
 
     assert fd_error(h) > 1.0
     assert fd_error(None) < 0.1
+    with pytest.raises(ValueError, match=r"rwsam_fd_step=.* cannot resolve"):
+        sample_grad_norms(model, {"x": x, "labels": y}, per_sample_ce, method="fd", fd_step=h)
     SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam"))(model, {"x": x, "labels": y}, loss_fn)  # the default runs
 
 
@@ -322,7 +340,7 @@ def test_the_users_error_on_the_first_vmap_step_is_reported_as_the_users(impleme
     with pytest.raises(KeyError, match="the user's loss reads a column") as info:
         step(model, {"x": x, "labels": y}, broken_loss)
     assert "torch.func" not in str(info.value) and info.value.__suppress_context__
-    assert step._msam_vmap_ok is None  # undecided: the next step tries the vmap again
+    assert step.msam.vmap_ok is None  # undecided: the next step tries the vmap again
     assert torch.equal(flat_params(model), before) and all(p.grad is None for p in model.parameters())
 
 
@@ -355,7 +373,7 @@ def test_a_causal_lms_loss_in_a_plain_loop_is_met_with_the_advice_to_shift_the_l
     step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam"),
                               default_per_sample_loss=functools.partial(per_sample_loss, shift_labels=True))
     step(model, batch, lm_loss)
-    assert step._per_sample_losses_checked and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert step.per_sample_losses.checked and all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_rwsam_exposes_each_samples_loss_norm_weight_and_margin_after_the_step():

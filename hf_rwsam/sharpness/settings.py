@@ -15,14 +15,22 @@ import math
 import numbers
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 logger = logging.getLogger(__name__)  # the library's loggers are plain `logging` ones (transformers' are too)
 
-SAM_MODES = ("none", "sam", "msam", "rwsam")
-PERTURBATION_SCOPES = ("device", "global")
-MSAM_IMPLEMENTATIONS = ("auto", "loop", "vmap")
-RWSAM_ESTIMATORS = ("fd", "exact")
-RWSAM_NORMALIZATIONS = ("mean", "none")
+SamMode = Literal["none", "sam", "msam", "rwsam"]
+PerturbationScope = Literal["device", "global"]
+MsamImplementation = Literal["auto", "loop", "vmap"]
+RwsamEstimator = Literal["fd", "exact"]
+RwsamNormalize = Literal["mean", "none"]
+"""The string settings' choices, as types: `HfArgumentParser` offers them as the command line's choices."""
+
+SAM_MODES = typing.get_args(SamMode)
+PERTURBATION_SCOPES = typing.get_args(PerturbationScope)
+MSAM_IMPLEMENTATIONS = typing.get_args(MsamImplementation)
+RWSAM_ESTIMATORS = typing.get_args(RwsamEstimator)
+RWSAM_NORMALIZATIONS = typing.get_args(RwsamNormalize)
 
 TRUE_STRINGS, FALSE_STRINGS = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
 """How `HfArgumentParser` reads a bool from a string (`transformers.hf_argparser.string_to_bool`)."""
@@ -81,7 +89,7 @@ class SharpnessSettings:
             Rademacher probes `Q` of the `"fd"` estimator.
         rwsam_fd_step (`float`, *optional*):
             Finite-difference step `h` along the unit direction; `None` uses the measured default `1e-3 * sqrt(d)`
-            (`hf_rwsam.sharpness.reweight.default_fd_step`). It must be one fp32 can resolve: a probe moves every
+            (`hf_rwsam.sharpness.estimators.fd.default_fd_step`). It must be one fp32 can resolve: a probe moves every
             coordinate by `h / sqrt(d)`, and a weight of the typical (root-mean-square) size `||x|| / sqrt(d)` moves
             by that only if it is at least `2^-24` times the weight (`FP32_UNIT_ROUNDOFF`), that is if
             `h >= 2^-24 ||x||`. The first RW-SAM step checks this against the model's `||x||`; construction refuses
@@ -98,25 +106,25 @@ class SharpnessSettings:
             samples, take batched backward passes of this many samples each (memory grows as `chunk * d`).
     """
 
-    sam_mode: str = field(default="rwsam", metadata={"help": f"Sharpness-aware mode, one of {SAM_MODES}."})
+    sam_mode: SamMode = field(default="rwsam", metadata={"help": f"Sharpness-aware mode, one of {SAM_MODES}."})
     sam_rho: float = field(default=0.05, metadata={"help": "Perturbation radius rho (>= 0)."})
     sam_adaptive: bool = field(default=False, metadata={"help": "ASAM: scale the perturbation by |x| + eta."})
     sam_adaptive_eta: float = field(default=0.01, metadata={"help": "ASAM offset eta (>= 0)."})
-    sam_perturbation_scope: str = field(
+    sam_perturbation_scope: PerturbationScope = field(
         default="device", metadata={"help": f"Where the perturbation is computed, one of {PERTURBATION_SCOPES}."}
     )
     msam_micro_batch_size: int | None = field(
         default=None,
         metadata={"help": "m-SAM micro-batch size m; required by sam_mode='msam', must divide the per-device batch."},
     )
-    msam_implementation: str = field(
+    msam_implementation: MsamImplementation = field(
         default="auto", metadata={"help": f"m-SAM implementation, one of {MSAM_IMPLEMENTATIONS}."}
     )
     msam_vmap_max_memory_mb: float = field(
         default=1024.0, metadata={"help": "Extra memory (MiB) m-SAM 'auto' may spend on the vmap implementation."}
     )
     rwsam_lambda: float = field(default=1.0, metadata={"help": "Gibbs inverse temperature lambda (>= 0); 0 is SAM."})
-    rwsam_estimator: str = field(
+    rwsam_estimator: RwsamEstimator = field(
         default="fd", metadata={"help": f"Per-sample gradient norm estimator, one of {RWSAM_ESTIMATORS}."}
     )
     rwsam_num_probes: int = field(default=1, metadata={"help": "Rademacher probes Q of the 'fd' estimator (>= 1)."})
@@ -125,7 +133,7 @@ class SharpnessSettings:
         metadata={"help": "Finite-difference step h (one fp32 resolves: h >= 2^-24 ||x||); None: the measured default "
                           "1e-3 * sqrt(d)."},
     )
-    rwsam_normalize: str = field(
+    rwsam_normalize: RwsamNormalize = field(
         default="mean", metadata={"help": f"Score normalisation, one of {RWSAM_NORMALIZATIONS}."}
     )
     rwsam_target_ess: float | None = field(
@@ -155,14 +163,7 @@ class SharpnessSettings:
         """Types the fields as `HfArgumentParser` would, then raises `ValueError` for the first invalid one; warns once
         for each field the mode ignores."""
         self._type_fields()
-        choices = {
-            "sam_mode": SAM_MODES,
-            "sam_perturbation_scope": PERTURBATION_SCOPES,
-            "msam_implementation": MSAM_IMPLEMENTATIONS,
-            "rwsam_estimator": RWSAM_ESTIMATORS,
-            "rwsam_normalize": RWSAM_NORMALIZATIONS,
-        }
-        for name, allowed in choices.items():
+        for name, allowed in _choices().items():
             if getattr(self, name) not in allowed:
                 raise self.refuse(name, getattr(self, name), f"choose one of {allowed}")
         for name in ("sam_rho", "sam_adaptive_eta", "rwsam_lambda", "msam_vmap_max_memory_mb"):
@@ -197,11 +198,13 @@ class SharpnessSettings:
         a non-integral number for an integer."""
         hints = typing.get_type_hints(SharpnessSettings)  # `field.type` may be a string (or HfArgumentParser's type)
         for f in dataclasses.fields(SharpnessSettings):
+            if typing.get_origin(hints[f.name]) is Literal:
+                continue  # the choices are checked by name in `validate`
             types = typing.get_args(hints[f.name]) or (hints[f.name],)
             kind, optional = next(t for t in types if t is not type(None)), type(None) in types
             value = getattr(self, f.name)
-            if kind is str or (value is None and optional):
-                continue  # the choices are checked by name in `validate`
+            if value is None and optional:
+                continue
             allowed = {bool: "True or False (or, as HfArgumentParser reads strings, one of "
                              f"{TRUE_STRINGS + FALSE_STRINGS})",
                        int: "an integer", float: "a number"}[kind] + (", or None" if optional else "")
@@ -234,3 +237,10 @@ class SharpnessSettings:
                 logger.warning(
                     f"{type(self).__name__}.{name}={value!r} has no effect with {_IGNORED_WITHIN_MODE[name][1]}."
                 )
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Each string setting's choices, from its `Literal` type."""
+    hints = typing.get_type_hints(SharpnessSettings)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(SharpnessSettings)
+            if typing.get_origin(hints[f.name]) is Literal}
