@@ -547,7 +547,7 @@ def jobs_for(args) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", default="mnist,digits")
+    parser.add_argument("--datasets", default=None, help="default: mnist,digits; with --select, digits")
     parser.add_argument("--noises", default=",".join(NOISES))
     parser.add_argument("--model", default="small_cnn_gn")
     parser.add_argument("--mnist_size", type=int, default=28)
@@ -565,7 +565,9 @@ def main():
     parser.add_argument("--from_json", default=None)
     parser.add_argument("--results_dir", type=Path, default=RESULTS)
     args = parser.parse_args()
+    args.datasets = args.datasets or ("digits" if args.select else "mnist,digits")
     name = "label_issues_select" if args.select else "label_issues"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     if args.from_json:
         record = json.loads(Path(args.from_json).read_text())
         settings = record["settings"]
@@ -575,14 +577,12 @@ def main():
                         image_size={"mnist": args.mnist_size, "digits": args.digits_size},
                         sizes={"mnist": 5000 * args.mnist_size ** 2, "digits": 1797 * args.digits_size ** 2})
         start = time.perf_counter()
-        args.results_dir.mkdir(parents=True, exist_ok=True)
         partial = args.results_dir / f"{name}.partial.json"
         results = run_all(settings, jobs_for(args), args.workers, partial)
         partial.unlink()
         record = {"command": "python " + shlex.join(sys.argv), "settings": settings, "results": results,
                   "wall_s": time.perf_counter() - start,
                   "cpu_s": sum(r["cpu_s"] + r.get("inference_cpu_s", 0.0) for r in results)}
-        args.results_dir.mkdir(parents=True, exist_ok=True)
         (args.results_dir / f"{name}.json").write_text(json.dumps(record))
     print(f"\n{record['command']}: {record['wall_s'] / 60:.1f} min wall, {record['cpu_s'] / 60:.1f} CPU min in all\n")
     if settings["select"]:
