@@ -181,7 +181,7 @@ class RWSAMConfig(SharpnessSettings, TrainingArguments):
     r"""
     `TrainingArguments` for [`RWSAMTrainer`]: every field of the Trainer plus the sharpness-aware settings of
     [`~hf_rwsam.sharpness.SharpnessSettings`] (``sam_*``, ``msam_*``, ``rwsam_*``; the step each mode performs is
-    specified in `ALGORITHMS.md`). Invalid values raise `ValueError` here, at construction, naming the field, the
+    specified in `docs/ALGORITHMS.md`). Invalid values raise `ValueError` here, at construction, naming the field, the
     value and what is allowed; settings the chosen mode ignores are reported once.
 
     To give another trainer's configuration the same fields (for `SharpnessAwareMixin`), put `SharpnessSettings`

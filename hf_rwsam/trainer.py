@@ -1,6 +1,6 @@
 """`RWSAMTrainer` and `SharpnessAwareMixin`: the transformers `Trainer` whose training step is sharpness-aware.
 
-The step itself is `hf_rwsam.sharpness.SharpnessAwareStep` (ALGORITHMS.md). This module is the Trainer's glue: it
+The step itself is `hf_rwsam.sharpness.SharpnessAwareStep` (docs/ALGORITHMS.md). This module is the Trainer's glue: it
 builds the step from the `RWSAMConfig` and the Trainer's Accelerator, hands it the Trainer's `compute_loss` as the
 objective (``compute_loss_func``, label smoothing and the model's own loss terms included) and the Trainer's own
 `training_step` as the descent (its accumulation scaling, AMP scaler and DDP sync), reports the clean loss in the units

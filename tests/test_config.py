@@ -223,7 +223,7 @@ def test_defaults_are_documented_values(tmp_path):
 def test_every_sam_field_has_help(tmp_path):
     ours = [f for f in dataclasses.fields(RWSAMConfig) if f.name.startswith(("sam_", "msam_", "rwsam_"))]
     names = {f.name for f in ours}
-    # the fields of the public API (ARCHITECTURE.md) are all there
+    # the fields of the public API (docs/ARCHITECTURE.md) are all there
     assert {"sam_mode", "sam_rho", "sam_adaptive", "sam_adaptive_eta", "sam_perturbation_scope",
             "msam_micro_batch_size", "msam_implementation", "rwsam_lambda", "rwsam_estimator", "rwsam_num_probes",
             "rwsam_fd_step", "rwsam_normalize", "rwsam_target_ess", "rwsam_max_weight"} <= names

@@ -30,6 +30,8 @@ WORKER = Path(__file__).parent / "distributed" / "train_worker.py"
 STEPS, PER_DEVICE, WORLD = 3, 4, 2
 TOL = 1e-5
 
+pytestmark = pytest.mark.distributed  # every test starts two processes
+
 
 def _free_port():
     with socket.socket() as s:

@@ -248,7 +248,7 @@ def test_default_fd_step_is_in_the_flat_region():
     error) came out 20% *below* the flat region by chance, its curvature error offsetting that set's sampling error;
     averaged over 16 sets it is above it, as it must be. The third column shows the single-set numbers.
 
-    Column ``discretisation``: the part due to h alone. The test's own fd (the formula of ALGORITHMS.md, its own
+    Column ``discretisation``: the part due to h alone. The test's own fd (the formula of docs/ALGORITHMS.md, its own
     probes) against the exact directional derivatives u_q . grad l_i for the same probes; with no sampling noise it
     shows both cliffs: round-off ~ eps / h on the left, curvature ~ h on the right.
     """

@@ -416,6 +416,7 @@ def traced(tracer, call):
         sys.settrace(previous)
 
 
+@pytest.mark.slow  # a settrace sweep: one step per executed line
 @pytest.mark.parametrize("norm,settings", SWEEP_MODES)
 def test_an_interrupt_at_any_line_of_the_step_leaves_the_model_as_it_was(monkeypatch, norm, settings):
     """Ctrl-C at every line the step executes: one step counts the line events inside hf_rwsam/, then for each k a
@@ -472,6 +473,7 @@ class TinyViT(nn.Module):
         return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
 
 
+@pytest.mark.slow  # a settrace sweep: one step per executed line
 @pytest.mark.parametrize("build", [SharedPositionsAttention, TinyViT], ids=["positions-attention", "timm-vit"])
 def test_an_interrupt_at_any_line_of_the_exact_estimators_step_leaves_the_model_as_it_was(monkeypatch, build):
     """The sweep above, at every line of the exact estimator's recording (the rest of the step is swept above), on
@@ -491,6 +493,7 @@ def test_an_interrupt_at_any_line_of_the_exact_estimators_step_leaves_the_model_
     interrupt_sweep(monkeypatch, template, step, within=("sharpness/ghost.py", recording))
 
 
+@pytest.mark.slow  # a settrace sweep: one step per executed line
 @pytest.mark.parametrize("settings", [
     dict(sam_mode="msam", msam_micro_batch_size=2, msam_implementation="loop"), dict(sam_mode="rwsam"),
 ], ids=["msam-loop", "rwsam-fd"])

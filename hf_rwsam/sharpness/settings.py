@@ -1,6 +1,6 @@
 """`SharpnessSettings`: what a sharpness-aware step does, validated once, shared by every host loop.
 
-The fields are the ``sam_*`` / ``msam_*`` / ``rwsam_*`` settings of ALGORITHMS.md. `RWSAMConfig` is these settings
+The fields are the ``sam_*`` / ``msam_*`` / ``rwsam_*`` settings of docs/ALGORITHMS.md. `RWSAMConfig` is these settings
 plus `TrainingArguments` (one declaration of each field, with its help, for both the Trainer's command line and a
 plain loop). Values are typed as `transformers.HfArgumentParser` types them (``"0.05"`` is 0.05, ``"false"`` is
 False); invalid ones raise `ValueError` naming the class, the field, the value and what is allowed; a setting that the
