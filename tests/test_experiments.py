@@ -64,6 +64,7 @@ def test_label_noise_tunes_on_validation_reports_final_and_best_val_and_replays(
     assert replayed[replayed.index("Clean test accuracy"):] == tables
 
 
+@pytest.mark.slow  # runs the experiment end to end (about a minute)
 def test_label_issues_scores_every_method_against_the_corrupted_labels_and_replays(tmp_path):
     """experiments/label_issues.py on digits, one noise, one epoch: every method scores every example, the metrics
     are the plain definitions (AUROC as the fraction of (corrupted, clean) pairs ordered right, precision among the K

@@ -264,6 +264,7 @@ def test_report_merges_processes_and_rejects_what_is_not_one_micro_batch():
 WORKER = Path(__file__).parent / "distributed" / "label_issues_worker.py"
 
 
+@pytest.mark.distributed  # starts two processes
 def test_two_ddp_processes_score_every_example_once_per_epoch(tmp_path):
     samples, per_device, epochs = 16, 4, 2
     out = tmp_path / "result.pt"
