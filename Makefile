@@ -18,6 +18,10 @@ venv: $(VENV)/.installed
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
+# The suite without the tests marked slow or distributed (setup.cfg): a few minutes, for the edit-test loop.
+test-fast: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow and not distributed" tests
+
 # The main job on the embedded default dataset: the small CNN on scikit-learn's digits, 40% symmetric label noise,
 # RW-SAM, offline on CPU; everything lands in outputs/demo/.
 demo: venv

@@ -6,7 +6,7 @@ implementations.
 Each variant gets its own copy of the model and optimizer. Variants are timed interleaved (one step of each in turn,
 repeated) after warm-up, so machine noise hits all of them alike; the figure per variant is the median. Ratios
 compare medians of the same run. ``aten_ops``: the ATen operators one step dispatches after warm-up
-(`hf_rwsam.profiling`), what a GPU pays in kernel launches where a step is launch-bound (not for ``*_compiled``
+(`benchmarks/profiling.py`), what a GPU pays in kernel launches where a step is launch-bound (not for ``*_compiled``
 variants: under a dispatch mode compiled code runs eagerly). ``--bf16``: real autocast, checked before timing. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the peak resident
 set of a fresh subprocess that runs only that variant (the SGD subprocess is the baseline).
 """
@@ -33,15 +33,16 @@ from timm.layers import GroupNorm
 from torch import nn
 
 from hf_rwsam import RWSAMConfig, RWSAMTrainer
-from hf_rwsam.profiling import count_aten_ops
+from profiling import count_aten_ops
 
 
 class Classifier(nn.Module):
-    """A timm model with the Trainer's calling convention (``norm="groupnorm"``: GroupNorm, 8 groups, for BatchNorm)."""
+    """A timm model with the Trainer's calling convention (``norm="groupnorm"``: GroupNorm, 8 groups, for BatchNorm;
+    ``"native"``: the model's own, e.g. ``small_cnn_gn``'s GroupNorm)."""
 
     def __init__(self, name: str, num_classes: int, norm: str = "batchnorm"):
         super().__init__()
-        kwargs = {} if norm == "batchnorm" else {"norm_layer": functools.partial(GroupNorm, num_groups=8)}
+        kwargs = {"norm_layer": functools.partial(GroupNorm, num_groups=8)} if norm == "groupnorm" else {}
         self.body = timm.create_model(name, num_classes=num_classes, **kwargs)
 
     def forward(self, pixel_values, labels=None):
@@ -238,8 +239,25 @@ def msam_limit(modes, k):
     return 1 + extra / t["sam"]
 
 
+TEXT_MODELS = {"bert-base": "BertConfig", "bert-tiny": "BertConfig"}
+"""transformers text classifiers built from a config (offline): ``bert-base`` (110M parameters, the default
+BertConfig) and ``bert-tiny`` (2 layers of width 128, for a quick run); ``--image-size`` is their sequence length."""
+
+
+def make_text_model(name: str, num_classes: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    sizes = {} if name == "bert-base" else dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                                 intermediate_size=512)
+    return BertForSequenceClassification(BertConfig(num_labels=num_classes, **sizes))
+
+
 def make_batch(args, device):
     g = torch.Generator().manual_seed(0)
+    if args.model in TEXT_MODELS:
+        ids = torch.randint(0, 30522, (args.batch_size, args.image_size), generator=g)
+        labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=g)
+        return {"input_ids": ids.to(device), "labels": labels.to(device)}
     pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g)
     labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=g)
     return {"pixel_values": pixels.to(device), "labels": labels.to(device)}
@@ -273,6 +291,8 @@ def peak_memory_mb(name, args) -> float:
 
 def make_model(args):
     torch.manual_seed(0)
+    if args.model in TEXT_MODELS:
+        return make_text_model(args.model, args.num_classes)
     return Classifier(args.model, args.num_classes, args.norm)
 
 
@@ -283,8 +303,9 @@ def main():
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--norm", choices=("batchnorm", "groupnorm"), default="batchnorm",
-                        help="the model's normalisation layers (groupnorm: timm's GroupNorm, 8 groups)")
+    parser.add_argument("--norm", choices=("batchnorm", "groupnorm", "native"), default="batchnorm",
+                        help="the model's normalisation layers (groupnorm: timm's GroupNorm, 8 groups; native: the "
+                             "model's own, e.g. small_cnn_gn)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 quick, 20 otherwise)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default=None, help="comma-separated subset of variants")
@@ -335,7 +356,11 @@ def main():
                 modes[name]["peak_mem_mb"] = peak_memory_mb(name, args)
 
     def ratio(a, b):
-        return modes[a]["step_s"] / modes[b]["step_s"] if a in modes and b in modes else None
+        """The median over rounds of the two variants' ratio in the same round (paired: a round's steps run back to
+        back, so a slow spell of the machine hits both)."""
+        if a not in times or b not in times:
+            return None
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
     msam_best = min(
         (n for n in modes if n.startswith("msam_") and n.endswith("b/8")), key=lambda n: modes[n]["step_s"], default=None
@@ -343,6 +368,7 @@ def main():
     ratios = {
         "sam/sgd": ratio("sam", "sgd"),
         "rwsam/sam": ratio("rwsam_fd_q1", "sam"),
+        "rwsam_exact/sam": ratio("rwsam_exact", "sam"),
         "msam/sam": ratio(msam_best, "sam") if msam_best else None,
         "trainer_sam/loop_sam": ratio("sam", "hand_sam"),
         "pytorch_optimizer_sam/sgd": ratio("pytorch_optimizer_sam", "sgd"),
@@ -359,6 +385,8 @@ def main():
         param_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
         ratios["sam_extra_mem/param_mem"] = (memory["sam"] - memory["sgd"]) / param_mb
         ratios["rwsam_mem/sam_mem"] = memory["rwsam_fd_q1"] / memory["sam"]
+    if {"sam", "rwsam_exact"} <= memory.keys():
+        ratios["rwsam_exact_mem/sam_mem"] = memory["rwsam_exact"] / memory["sam"]
     result = {
         "date": date.today().isoformat(),
         "command": "python " + " ".join(sys.argv),
@@ -369,10 +397,10 @@ def main():
         "ratios": ratios,
         "modes": modes,
     }
-    print(f"{'variant':28s} {'median s':>9s} {'min s':>8s} {'aten ops':>9s} {'peak MiB':>9s}")
+    print(f"{'variant':28s} {'median ms':>10s} {'min ms':>8s} {'aten ops':>9s} {'peak MiB':>9s}")
     for name, m in modes.items():
         ops = "-" if m["aten_ops"] is None else m["aten_ops"]
-        print(f"{name:28s} {m['step_s']:9.3f} {m['min_s']:8.3f} {ops:>9} "
+        print(f"{name:28s} {1000 * m['step_s']:10.1f} {1000 * m['min_s']:8.1f} {ops:>9} "
               f"{m.get('peak_mem_mb', float('nan')):9.0f}")
     for key, value in ratios.items():
         print(f"{key:38s} {value:.3f}")

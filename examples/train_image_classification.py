@@ -81,15 +81,23 @@ class OneLineErrorParser(HfArgumentParser):
 
 def parse_arguments(argv: list[str], dataclass_types=(ModelArguments, DataArguments, RWSAMConfig)) -> tuple:
     """Flags, or a JSON/YAML file of settings followed by flags that override it, parsed into `dataclass_types`
-    (by default this script's `ModelArguments`, `DataArguments` and `RWSAMConfig`; the other examples pass theirs)."""
+    (by default this script's `ModelArguments`, `DataArguments` and `RWSAMConfig`; the other examples pass theirs).
+    A setting written as null (``rwsam_fd_step: null``) is None, as in `HfArgumentParser.parse_yaml_file`."""
+    parser = OneLineErrorParser(dataclass_types)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         with open(argv[0]) as f:
             settings = yaml.safe_load(f)  # JSON is YAML
-        flags = []
+        flags, nulls = [], {}
         for key, value in settings.items():
-            flags += [f"--{key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+            if value is None:  # a flag cannot say None: it becomes the field's default, which flags may override
+                if not any(action.dest == key for action in parser._actions):
+                    parser.error(f"{argv[0]}: unknown setting {key!r}")
+                nulls[key] = None
+            else:
+                flags += [f"--{key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+        parser.set_defaults(**nulls)
         argv = flags + argv[1:]
-    return OneLineErrorParser(dataclass_types).parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def build_datasets(data_args: DataArguments, model_args: ModelArguments, seed: int):

@@ -1,6 +1,6 @@
 """Model cards for models trained with [`RWSAMTrainer`]: the Jinja2 template
-``hf_rwsam/model_cards/rwsam_model_card.md`` filled from the training arguments, the Trainer's state and the training
-set's label-noise record, with the Hub metadata (`huggingface_hub.ModelCardData`) in its YAML front matter."""
+``hf_rwsam/model_cards/rwsam_model_card.md`` filled from the training arguments, the Trainer's state, the training
+set's label-noise record and the label-issue report, with the Hub metadata (`huggingface_hub.ModelCardData`) in its YAML front matter."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from transformers import TrainerState
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from .config import RWSAMConfig
+from .label_issues import LABEL_ISSUES_CSV
 
 TEMPLATE_NAME = "rwsam_model_card.md"
 SAM_PREFIXES = ("sam_", "msam_", "rwsam_")
@@ -41,6 +42,7 @@ def render_model_card(
     repo_id: str,
     dataset_name: str | None = None,
     noise_info: dict[str, Any] | None = None,
+    label_issues: dict[str, Any] | None = None,
     tags: list[str] | None = None,
     **card_data,
 ) -> str:
@@ -59,6 +61,9 @@ def render_model_card(
             ``datasets`` metadata), ``"digits"`` or a local folder.
         noise_info (`dict`, *optional*):
             The training set's label-noise record, as returned by `hf_rwsam.data.label_noise_info`.
+        label_issues (`dict`, *optional*):
+            The label-issue report's summary (`hf_rwsam.label_issues.LabelIssueReport.summary`), when training kept
+            one (``report_label_issues=True``).
         tags (`list[str]`, *optional*): Tags added to hf-rwsam's own.
         card_data: Other `huggingface_hub.ModelCardData` fields (``license``, ``language``, ``base_model``, ...).
 
@@ -109,6 +114,8 @@ def render_model_card(
         dataset_name=dataset_name,
         noise=noise_info,
         transition_matrix=noise_info["transition_matrix"] if small else None,
+        label_issues=label_issues,
+        label_issues_csv=LABEL_ISSUES_CSV,
         evaluation=evaluation,
     )
     return str(ModelCard(content))  # parsing the front matter checks the metadata

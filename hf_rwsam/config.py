@@ -3,14 +3,14 @@ settings cannot do with the other training arguments and with the trainer built 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from accelerate.utils import DistributedType
 from transformers import TrainingArguments
 from transformers.utils import logging
 
 from .losses import PER_SAMPLE_LOSS_EXAMPLE
-from .sharpness.settings import SharpnessSettings
+from .sharpness.settings import FALSE_STRINGS, TRUE_STRINGS, SharpnessSettings
 from .sharpness.sharding import sharded_step_problems
 
 logger = logging.get_logger(__name__)
@@ -57,6 +57,12 @@ def check_training_arguments(args) -> None:
     Raises:
         `ValueError` naming the field, the value and what is allowed.
     """
+    if getattr(args, "report_label_issues", False) and args.sam_mode != "rwsam":
+        raise args.refuse(
+            "report_label_issues", True,
+            f"the label-issue report summarises RW-SAM's per-sample scores, which sam_mode={args.sam_mode!r} does not "
+            "compute; set sam_mode='rwsam' (either rwsam_estimator) or report_label_issues=False",
+        )
     if args.sam_mode == "msam" and args.per_device_train_batch_size % args.msam_micro_batch_size:
         raise args.refuse(
             "msam_micro_batch_size", args.msam_micro_batch_size,
@@ -85,11 +91,19 @@ def check_training_arguments(args) -> None:
         )
 
 
+NO_DIFFERENTIABLE_OUTPUTS = {
+    ("trl", "SFTTrainer"): "its compute_loss(return_outputs=True) recomputes the outputs under torch.no_grad (one more "
+                           "forward, for metrics), so no per-sample loss can carry a gradient",
+}
+"""Trainers whose `compute_loss` returns outputs without autograd, which RW-SAM's per-sample losses need: (the module
+the class comes from, its name) -> why."""
+
+
 def check_trainer_setup(trainer, per_sample_loss_func=None) -> None:
     """Refuses by name, at the trainer's construction, what its sharpness-aware step cannot do with the trainer's
     backend (DataParallel, DeepSpeed, FSDP from the Accelerate config), objective (``compute_loss_func`` without
-    ``per_sample_loss_func`` for RW-SAM) and training set (a last batch m-SAM cannot split); warns where a setting has
-    no effect (fp16/bf16 without autocast)."""
+    ``per_sample_loss_func`` for RW-SAM, a trainer whose outputs carry no gradient) and training set (a last batch
+    m-SAM cannot split); warns where a setting has no effect (fp16/bf16 without autocast, RW-SAM on one sample)."""
     args, mode, name = trainer.args, trainer.args.sam_mode, type(trainer).__name__
     if mode == "none":
         return
@@ -123,6 +137,20 @@ def check_trainer_setup(trainer, per_sample_loss_func=None) -> None:
             f"{'fp16' if args.fp16 else 'bf16'}=True has no effect here: Accelerate runs no autocast on "
             f"{trainer.accelerator.device.type} with it, so training runs in fp32."
         )
+    if mode == "rwsam":
+        for cls in type(trainer).__mro__:
+            why = NO_DIFFERENTIABLE_OUTPUTS.get((cls.__module__.split(".")[0], cls.__name__))
+            if why is not None:
+                raise ValueError(
+                    f"{name}: RW-SAM needs the per-sample losses of the ascent pass with their gradient, and "
+                    f"{cls.__name__} cannot give them: {why}. Use sam_mode='sam' or 'msam' with this trainer."
+                )
+        if args.per_device_train_batch_size == 1 and (args.sam_perturbation_scope == "device" or args.world_size == 1):
+            logger.warning(
+                "RW-SAM with per_device_train_batch_size=1 is SAM: the Gibbs weights of one sample are 1 whatever its "
+                "gradient norm (the fd probes then cost their forwards for nothing). Use a larger batch, "
+                "sam_perturbation_scope='global' over several processes, or sam_mode='sam'."
+            )
     if mode == "rwsam" and trainer.compute_loss_func is not None and per_sample_loss_func is None:
         raise ValueError(
             "RW-SAM weights one loss per sample, and with `compute_loss_func` the built-in per-sample rule cannot "
@@ -153,15 +181,31 @@ class RWSAMConfig(SharpnessSettings, TrainingArguments):
     r"""
     `TrainingArguments` for [`RWSAMTrainer`]: every field of the Trainer plus the sharpness-aware settings of
     [`~hf_rwsam.sharpness.SharpnessSettings`] (``sam_*``, ``msam_*``, ``rwsam_*``; the step each mode performs is
-    specified in `ALGORITHMS.md`). Invalid values raise `ValueError` here, at construction, naming the field, the
+    specified in `docs/ALGORITHMS.md`). Invalid values raise `ValueError` here, at construction, naming the field, the
     value and what is allowed; settings the chosen mode ignores are reported once.
 
     To give another trainer's configuration the same fields (for `SharpnessAwareMixin`), put `SharpnessSettings`
     first, so that the other configuration's own defaults stay as they are:
     ``@dataclass class RWSAMSFTConfig(SharpnessSettings, SFTConfig): pass``.
+
+    Parameters:
+        report_label_issues (`bool`, defaults to `False`):
+            With ``sam_mode="rwsam"``: keep, per training example, a running summary of RW-SAM's per-sample scores and
+            write at the end of `train` the examples that look mislabeled (`hf_rwsam.label_issues`,
+            ``output_dir/label_issues.csv``, `RWSAMTrainer.label_issues`); no extra forward or backward pass.
     """
+
+    report_label_issues: bool = field(
+        default=False,
+        metadata={"help": "RW-SAM: report the training examples that look mislabeled (output_dir/label_issues.csv)."},
+    )
 
     def validate(self):
         """The settings' own checks, then those involving the Trainer's (before `TrainingArguments` acts on them)."""
         super().validate()
+        value = self.report_label_issues
+        if isinstance(value, str) and value.lower() in TRUE_STRINGS + FALSE_STRINGS:
+            self.report_label_issues = value.lower() in TRUE_STRINGS
+        elif not isinstance(value, bool):
+            raise self.refuse("report_label_issues", value, "it must be True or False")
         check_training_arguments(self)

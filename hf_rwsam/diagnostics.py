@@ -41,10 +41,10 @@ def gradient_noise_trace(
     params = [p for p in model.parameters() if p.requires_grad]
     sum_sq_norms, count = 0.0, 0
     grad_sum = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    per_sample = PerSampleGradients(model, params, chunk_size)
     for inputs in batches:
         b = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-        per_sample = PerSampleGradients(model, params, b, chunk_size)
-        with per_sample.recording():
+        with per_sample.recording(b):
             losses = loss_fn(model, inputs)
         sum_sq_norms += float(per_sample.norms(losses).double().square().sum())
         count += losses.shape[0]

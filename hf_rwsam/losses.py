@@ -113,3 +113,21 @@ def per_sample_loss(
         "'single_label_classification', 'multi_label_classification', 'regression', 'token_classification', "
         "or pass `per_sample_loss_func` to the trainer."
     )
+
+
+@torch.no_grad()
+def classification_margins(outputs: Any, labels: torch.Tensor) -> torch.Tensor | None:
+    """The margin of Pleiss et al. (2020, "Identifying mislabeled data using the area under the margin ranking"):
+    the given label's logit minus the largest other logit, per sample, fp32 ``[b]``. None where the outputs are not one
+    row of class logits per sample with integer labels (regression, multi-label, token-level)."""
+    try:
+        logits = model_logits(outputs)
+    except ValueError:
+        return None
+    if logits.dim() != 2 or logits.shape[-1] < 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0] \
+            or labels.dtype.is_floating_point:
+        return None
+    logits = logits.float()
+    given = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+    return given - others

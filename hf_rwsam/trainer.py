@@ -1,10 +1,12 @@
 """`RWSAMTrainer` and `SharpnessAwareMixin`: the transformers `Trainer` whose training step is sharpness-aware.
 
-The step itself is `hf_rwsam.sharpness.SharpnessAwareStep` (ALGORITHMS.md). This module is the Trainer's glue: it
+The step itself is `hf_rwsam.sharpness.SharpnessAwareStep` (docs/ALGORITHMS.md). This module is the Trainer's glue: it
 builds the step from the `RWSAMConfig` and the Trainer's Accelerator, hands it the Trainer's `compute_loss` as the
 objective (``compute_loss_func``, label smoothing and the model's own loss terms included) and the Trainer's own
 `training_step` as the descent (its accumulation scaling, AMP scaler and DDP sync), reports the clean loss in the units
-the Trainer logs, adds the step's diagnostics to the logs, and writes model cards.
+the Trainer logs, adds the step's diagnostics to the logs, and writes model cards. With
+``report_label_issues`` it carries each example's index to the step and keeps the label-issue report
+(`hf_rwsam.label_issues`) from the step's per-sample scores.
 
 The mixin makes any Trainer subclass sharpness-aware, e.g. TRL's::
 
@@ -22,23 +24,30 @@ import contextlib
 import copy
 import functools
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .cards import render_model_card
-from .columns import NOISE_COLUMN
+from .columns import INDEX_COLUMN, NOISE_COLUMN
 from .config import RWSAMConfig, check_trainer_setup, check_training_arguments
-from .data import label_noise_info
-from .losses import PerSampleLossFunc, per_sample_loss
+from .data import ExampleIndexed, label_noise_info
+from .label_issues import LABEL_ISSUES_CSV, LabelIssueReport
+from .losses import PerSampleLossFunc, model_logits, per_sample_loss
 from .sharpness import AccelerateHost, SharpnessAwareStep, SharpnessSettings
+from .sharpness.state import restored
 
 logger = logging.get_logger(__name__)
+
+LABEL_ISSUES_STATE = "label_issues_state.pt"
+"""The running label-issue report in a checkpoint, so that a resumed run's report covers the whole training."""
 
 
 class SharpnessAwareMixin:
@@ -47,13 +56,14 @@ class SharpnessAwareMixin:
     ``class MyTrainer(SharpnessAwareMixin, SomeTrainer)``: `training_step` runs a `SharpnessAwareStep` whose
     objective is the trainer's `compute_loss` and whose descent is the trainer's own `training_step`; `log` adds the
     step's diagnostics. The arguments must carry the `SharpnessSettings`: an `RWSAMConfig`, or the trainer's own
-    configuration class combined with them.
+    configuration class combined with them. Saves write ``x``, also when made during the step (a signal handler's, a
+    callback's in the descent): `save_model`, `_save` and `_save_checkpoint` hold the parameters at ``x`` meanwhile.
 
     Args:
         per_sample_loss_func (`Callable`, *optional*):
             ``(outputs, labels) -> Tensor[b]`` of per-sample losses, whose mean is the loss, for RW-SAM. By default
-            they follow ``model.config.problem_type`` (`hf_rwsam.losses`), checked on the first step against the
-            trainer's loss. Required with RW-SAM when ``compute_loss_func`` is set.
+            they follow ``model.config.problem_type`` (`hf_rwsam.losses`); either way they are checked on the first
+            step against the trainer's loss. Required with RW-SAM when ``compute_loss_func`` is set.
         *args, **kwargs: as for the trainer; ``args`` defaults to ``RWSAMConfig(output_dir="tmp_trainer")``.
     """
 
@@ -90,6 +100,13 @@ class SharpnessAwareMixin:
         self._descent_share = 1  # m-SAM: the descent's loss divided by it when the Trainer would not
         self._loss_counts_items: bool | None = None  # whether compute_loss divides by num_items_in_batch
         self._sharpness_sum, self._sharpness_steps = 0.0, set()
+        self._label_issues: LabelIssueReport | None = None  # the running report, during `train`
+        self._label_issue_results: tuple | None = None  # (the report as a Dataset, its summary) after `train`
+        self._ascent_predictions: torch.Tensor | None = None  # the predicted classes of the step's ascent at x
+        if self._reports_label_issues():
+            if self.train_dataset is not None:
+                ExampleIndexed(self.train_dataset)  # refuses, by name, a training set without positions
+            self.add_callback(_LabelIssueAUROC(self))
 
     def _loss_shifts_tokens(self, unwrapped) -> bool:
         """Whether the loss predicts token t + 1 at position t: a causal LM (its class or a parent's, also under a PEFT
@@ -103,12 +120,13 @@ class SharpnessAwareMixin:
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         if self.args.sam_mode == "none":
             return super().training_step(model, inputs, num_items_in_batch)
-        noisy = inputs.get(NOISE_COLUMN)
+        noisy, index = inputs.get(NOISE_COLUMN), inputs.get(INDEX_COLUMN)
         inputs = self._prepare_inputs(inputs)
         if noisy is not None:
             inputs[NOISE_COLUMN] = noisy
         model.train()
         self.sharpness_step.seed = self.args.seed  # as the Trainer reads it, also when changed after construction
+        self._ascent_predictions = None
         reported: list[torch.Tensor] = []  # what the Trainer's own steps returned, and the losses they computed
         perturbed: list[torch.Tensor] = []
         clean = self.sharpness_step(
@@ -130,6 +148,8 @@ class SharpnessAwareMixin:
         # Sharpness in those units too: summed over the accumulation window and averaged over steps, as the loss is
         self._sharpness_sum = self._sharpness_sum + (reported_total.detach() - clean)
         self._sharpness_steps.add(self.state.global_step)
+        if self._label_issues is not None:
+            self._record_label_issues(index, inputs, noisy)
         return clean
 
     def _objective(self, num_items_in_batch):
@@ -137,8 +157,13 @@ class SharpnessAwareMixin:
 
         def loss_fn(model, inputs, return_outputs=False):
             with self.compute_loss_context_manager(), self._side_effects_discarded():
-                return self.compute_loss(model, dict(inputs), return_outputs=return_outputs,
-                                         num_items_in_batch=num_items_in_batch)
+                result = self.compute_loss(model, dict(inputs), return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+            if return_outputs and self._label_issues is not None and torch.is_grad_enabled():
+                # RW-SAM's ascent at x: the step's only pass through its objective with gradient (its probes and
+                # checks run without), the forward its per-sample scores come from
+                self._ascent_predictions = model_logits(result[1]).detach().argmax(-1)
+            return result
 
         return loss_fn
 
@@ -155,17 +180,19 @@ class SharpnessAwareMixin:
         steps = self.current_gradient_accumulation_steps
         # A loss the Trainer takes as normalised over the accumulation window is not divided by its steps: an m-SAM
         # group's share then comes from num_items_in_batch if the loss divides by it, else from dividing by `share`
-        if share > 1 and self._scaled_for_accumulation(num_items_in_batch) and \
-                not self._counts_items(model, inputs, num_items_in_batch):
-            self._descent_share = share
-        self.current_gradient_accumulation_steps = steps * share
-        self._recorded_losses = []
-        try:
-            reported.append(super().training_step(model, inputs, num_items_in_batch))
-            perturbed.append(self._recorded_losses[-1])
-        finally:
+        divide_by_share = share > 1 and self._scaled_for_accumulation(num_items_in_batch) and \
+            not self._counts_items(model, inputs, num_items_in_batch)
+
+        def restore():
             self.current_gradient_accumulation_steps = steps
             self._recorded_losses, self._descent_share = None, 1
+
+        with restored(restore):
+            self._descent_share = share if divide_by_share else 1
+            self.current_gradient_accumulation_steps = steps * share
+            self._recorded_losses = []
+            reported.append(super().training_step(model, inputs, num_items_in_batch))
+            perturbed.append(self._recorded_losses[-1])
         return perturbed[-1]
 
     def _scaled_for_accumulation(self, num_items_in_batch) -> bool:
@@ -182,11 +209,9 @@ class SharpnessAwareMixin:
             if num_items_in_batch is None:
                 return False
             was_training = model.training
-            model.eval()  # no dropout, no statistics: the two evaluations differ only by num_items_in_batch
-            try:
+            with restored(lambda: model.train(was_training)):
+                model.eval()  # no dropout, no statistics: the two evaluations differ only by num_items_in_batch
                 once, twice = (self._objective(n)(model, inputs) for n in (num_items_in_batch, 2 * num_items_in_batch))
-            finally:
-                model.train(was_training)
             self._loss_counts_items = bool(torch.isclose(once.float(), 2 * twice.float(), rtol=1e-3))
         return self._loss_counts_items
 
@@ -205,11 +230,13 @@ class SharpnessAwareMixin:
     @contextlib.contextmanager
     def _side_effects_discarded(self):
         kept = {name: copy.deepcopy(vars(self)[name]) for name in self.sam_side_effect_attributes if name in vars(self)}
-        try:
-            yield
-        finally:
+
+        def restore():
             for name, value in kept.items():
                 setattr(self, name, value)
+
+        with restored(restore):
+            yield
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the step's diagnostics to training logs, each averaged over the steps since the previous log and over
@@ -223,16 +250,154 @@ class SharpnessAwareMixin:
                 logs[name] = self.accelerator.reduce(value.to(self.args.device).float(), reduction="mean").item()
         super().log(logs, start_time)
 
-    # ------------------------------------------------------------------ the noise column never reaches the model
+    # ------------------------------------------------------------------ saves write x, also from inside a step
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The trainer's; made during a step (a signal handler's save, a callback's), it writes ``x``, not ``x + e``."""
+        with self.sharpness_step.original_parameters():
+            super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        with self.sharpness_step.original_parameters():
+            super()._save(output_dir, state_dict)
+
+    # ------------------------------------------------------------------ the label-issue report
+
+    def _reports_label_issues(self) -> bool:
+        return bool(getattr(self.args, "report_label_issues", False))
+
+    def train(self, *args, **kwargs):
+        """The trainer's; with ``report_label_issues``, it keeps the report meanwhile and, at the end, writes
+        ``output_dir/label_issues.csv`` (`label_issues` returns the same rows)."""
+        if not self._reports_label_issues() or self.train_dataset is None:
+            return super().train(*args, **kwargs)
+
+        def restore():
+            self._label_issues = None
+
+        with restored(restore):
+            self._label_issues = LabelIssueReport(len(ExampleIndexed(self.train_dataset)))
+            output = super().train(*args, **kwargs)
+            self._finish_label_issues()
+        return output
+
+    def label_issues(self):
+        """The label-issue report of the last `train` (``report_label_issues=True``): a `datasets.Dataset` of every
+        training example, the most likely mislabeled first, with its ``index`` in ``train_dataset``, ``score``,
+        given ``label``, the model's ``prediction``, whether it is ``flagged`` (its score is above the threshold) and,
+        when the dataset says so, ``is_noisy``; the rows of ``output_dir/label_issues.csv``."""
+        if self._label_issue_results is None:
+            raise ValueError(
+                f"{type(self).__name__}.label_issues(): no report yet; set report_label_issues=True (with "
+                "sam_mode='rwsam') and call train() first."
+            )
+        return self._label_issue_results[0]
+
+    def get_train_dataloader(self):
+        """The trainer's; with ``report_label_issues``, its rows also carry their position in ``train_dataset``
+        (`ExampleIndexed`), which the collator passes on and `_prepare_inputs` takes out again."""
+        dataset = self.train_dataset
+        if self._label_issues is None or dataset is None:
+            return super().get_train_dataloader()
+
+        def restore():
+            self.train_dataset = dataset
+
+        with restored(restore):
+            self.train_dataset = ExampleIndexed(dataset)
+            return super().get_train_dataloader()
+
+    def _record_label_issues(self, index, inputs, noisy) -> None:
+        """Adds this micro-batch's per-sample scores (the step's `sample_scores`) to the report."""
+        if index is None:
+            raise ValueError(
+                f"report_label_issues: the batch carries no {INDEX_COLUMN!r}. It is added to the rows by "
+                "get_train_dataloader and must reach the training step: use a collator that passes the column on "
+                "(hf_rwsam.data.collate_images and transformers' collators do)."
+            )
+        scores = self.sharpness_step.sample_scores
+        if scores.margins is None:
+            raise ValueError(
+                "report_label_issues needs a classifier: one row of class logits per sample and integer labels "
+                f"(the outputs of {type(self.accelerator.unwrap_model(self.model)).__name__} are not)."
+            )
+        label_name = next(name for name in self.sharpness_step.per_sample_losses.label_names if name in inputs)
+        self._label_issues.update(index, scores, inputs[label_name], self._ascent_predictions, noisy)
+
+    def _merged_label_issues(self) -> LabelIssueReport:
+        """The report over every process (a collective)."""
+        device = self.args.device
+        return self._label_issues.merged(lambda values: self.accelerator.gather(values.to(device)).cpu())
+
+    def _finish_label_issues(self) -> None:
+        report = self._merged_label_issues()
+        dataset, summary = report.to_dataset(), report.summary()
+        self._label_issue_results = dataset, summary
+        if self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            dataset.to_pandas().to_csv(os.path.join(self.args.output_dir, LABEL_ISSUES_CSV), index=False)
+        unseen = summary["num_examples"] - summary["num_scored"]
+        if unseen:
+            logger.warning(f"The label-issue report has no score for {unseen} of {summary['num_examples']} examples: "
+                           "training never reached them (max_steps, dataloader_drop_last); they come last.")
+        auroc = "" if summary["auroc"] is None else f"; AUROC against is_noisy {summary['auroc']:.4f}"
+        logger.info(f"Label issues: {summary['num_flagged']} of {summary['num_examples']} examples flagged (score > "
+                    f"{summary['threshold']}){auroc}; every example in {LABEL_ISSUES_CSV}.")
+
+    def _log_label_issue_auroc(self) -> None:
+        """Logs ``label_issues/auroc`` when the training set marks its corrupted labels (``is_noisy``)."""
+        if self._label_issues is None:
+            return
+        auroc = self._merged_label_issues().auroc()
+        if auroc is not None:
+            self.log({"label_issues/auroc": auroc})
+
+    def _save_checkpoint(self, model, trial) -> None:
+        with self.sharpness_step.original_parameters():
+            super()._save_checkpoint(model, trial)
+        if self._label_issues is not None:
+            state = self._merged_label_issues().state_dict()
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if self.args.should_save:
+                torch.save(state, os.path.join(folder, LABEL_ISSUES_STATE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        """The trainer's, and the label-issue report saved with the checkpoint: a resumed report goes on from it."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._label_issues is None:
+            return
+        path = os.path.join(resume_from_checkpoint, LABEL_ISSUES_STATE)
+        if not os.path.exists(path):
+            logger.warning(f"{resume_from_checkpoint} holds no label-issue report (it was saved without "
+                           "report_label_issues): the report covers only the steps after the resume.")
+            return
+        state = torch.load(path, weights_only=True)
+        if self.accelerator.process_index == 0:  # the saved report is every process's: it is counted once
+            self._label_issues.load_state_dict(state)
+        else:
+            self._label_issues.updates = state["updates"]
+
+    # ------------------------------------------------------------------ columns that never reach the model
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if NOISE_COLUMN not in self._signature_columns:
-            self._signature_columns.append(NOISE_COLUMN)
+        for column in (NOISE_COLUMN, INDEX_COLUMN):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     def _prepare_inputs(self, inputs):
-        """The trainer's, minus the `is_noisy` column (RW-SAM's diagnostics only)."""
-        return super()._prepare_inputs({k: v for k, v in inputs.items() if k != NOISE_COLUMN})
+        """The trainer's, minus the ``is_noisy`` and ``example_index`` columns (for diagnostics and the report)."""
+        return super()._prepare_inputs({k: v for k, v in inputs.items() if k not in (NOISE_COLUMN, INDEX_COLUMN)})
+
+
+class _LabelIssueAUROC(TrainerCallback):
+    """Logs the label-issue report's AUROC at the end of every epoch (`SharpnessAwareMixin._log_label_issue_auroc`)."""
+
+    def __init__(self, trainer: SharpnessAwareMixin):
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer._log_label_issue_auroc()
 
 
 class RWSAMTrainer(SharpnessAwareMixin, Trainer):
@@ -296,10 +461,17 @@ class RWSAMTrainer(SharpnessAwareMixin, Trainer):
             repo_id=hub_id or folder,
             dataset_name=dataset_name or self.dataset_name,
             noise_info=noise_info,
+            label_issues=None if self._label_issue_results is None else self._label_issue_results[1],
             **card_data,
         )
         # Written aside and renamed into place: an upload reading the folder sees the old card or the new one, never
-        # half of one (the Trainer's uploads ignore names starting with "_").
-        staging = Path(folder, "_README.md.tmp")
-        staging.write_text(card, encoding="utf-8")
-        os.replace(staging, Path(folder, "README.md"))
+        # half of one (the Trainer's uploads ignore names starting with "_"). The name is this write's own, so that two
+        # writers of one folder (two trainers, a save from a signal handler) do not move each other's file; opened
+        # exclusively rather than by `tempfile`, so that the card gets the umask's permissions, not 0600.
+        staging = Path(folder, f"_README.md.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(staging, "x", encoding="utf-8") as f:
+                f.write(card)
+            os.replace(staging, Path(folder, "README.md"))
+        finally:
+            staging.unlink(missing_ok=True)  # after a failed write (after a rename, it is gone already)

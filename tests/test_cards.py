@@ -13,7 +13,7 @@ from hf_rwsam import RWSAMConfig, RWSAMTrainer
 from hf_rwsam.cards import render_model_card
 from hf_rwsam.data import add_label_noise
 
-from utils import TinyMLP, accuracy, front_matter, make_tensors, sgd_config
+from utils import TinyMLP, accuracy, front_matter, make_tensors, sgd_config, tensor_dataset
 
 SAM_FIELDS = [f.name for f in dataclasses.fields(RWSAMConfig) if f.name.startswith(("sam_", "msam_", "rwsam_"))]
 NON_DEFAULT_SAM = dict(
@@ -206,3 +206,61 @@ def test_timm_note_only_for_timm_models_and_local_datasets_named_in_the_text(tmp
     card = render_model_card(args, TrainerState(), model_name="m", model_class="TinyMLP", repo_id="m",
                              dataset_name="digits")
     assert "Dataset: `digits`." in card and "datasets" not in front_matter(card)  # not a Hub id: text only
+
+
+def test_two_trainers_saving_into_one_folder_always_leave_a_whole_card(tmp_path):
+    """Two trainers write cards (and save) into one folder from two threads while a third reads README.md: every
+    write succeeds (with one staging name for all writes, one writer's rename moved the other's file away:
+    FileNotFoundError), every read is a whole card, and no staging file is left."""
+    import threading
+
+    x, y = make_tensors(8)
+    folder = tmp_path / "shared"
+    trainers = [RWSAMTrainer(model=TinyMLP(), args=sgd_config(folder, sam_mode=mode, max_steps=1),
+                             train_dataset=tensor_dataset(x, y)) for mode in ("sam", "rwsam")]
+    folder.mkdir(exist_ok=True)
+    trainers[0].create_model_card()
+    wholes = {(folder / "README.md").read_text(encoding="utf-8")}
+    trainers[1].create_model_card()
+    wholes.add((folder / "README.md").read_text(encoding="utf-8"))
+    assert len(wholes) == 2  # the two trainers' cards differ (their sam_mode)
+    errors, reads, done = [], [], threading.Event()
+
+    def write(trainer):
+        try:
+            for i in range(60):
+                trainer.create_model_card() if i % 10 else trainer.save_model()
+        except Exception as err:  # noqa: BLE001 -- collected for the assertion
+            errors.append(err)
+
+    def read():
+        while not done.is_set():
+            reads.append((folder / "README.md").read_text(encoding="utf-8"))
+
+    reader = threading.Thread(target=read)
+    writers = [threading.Thread(target=write, args=(trainer,)) for trainer in trainers]
+    reader.start()
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    done.set()
+    reader.join()
+    assert not errors, errors[:3]
+    assert reads and all(card in wholes for card in reads), "a reader saw a card that is not whole"
+    assert not [p.name for p in folder.iterdir() if p.name.startswith("_")]
+
+
+def test_a_card_write_that_fails_leaves_no_staging_file(tmp_path, monkeypatch):
+    import hf_rwsam.trainer
+
+    x, y = make_tensors(8)
+    trainer = RWSAMTrainer(model=TinyMLP(), args=sgd_config(tmp_path, max_steps=1), train_dataset=tensor_dataset(x, y))
+
+    def fails(source, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf_rwsam.trainer.os, "replace", fails)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.create_model_card()
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -16,16 +16,10 @@ from transformers.utils import logging
 
 from hf_rwsam import RWSAMTrainer
 
+from references import EVERY_MODE
 from utils import TinyMLP, flat_params, make_tensors, relative_error, sgd_config, tensor_dataset
 
-MODES = {
-    "sam": dict(sam_mode="sam", sam_rho=0.3),
-    "asam": dict(sam_mode="sam", sam_rho=0.3, sam_adaptive=True),
-    "msam_loop": dict(sam_mode="msam", msam_micro_batch_size=4, msam_implementation="loop", sam_rho=0.3),
-    "msam_vmap": dict(sam_mode="msam", msam_micro_batch_size=4, msam_implementation="vmap", sam_rho=0.3),
-    "rwsam_fd": dict(sam_mode="rwsam", rwsam_lambda=4.0, rwsam_num_probes=2, sam_rho=0.3),
-    "rwsam_exact": dict(sam_mode="rwsam", rwsam_estimator="exact", rwsam_lambda=4.0, sam_rho=0.3),
-}
+MODES = {name: {**settings, "sam_rho": 0.3} for name, settings in EVERY_MODE.items()}
 
 
 def one_step(tmp_path, compiled, settings):
@@ -41,7 +35,7 @@ def one_step(tmp_path, compiled, settings):
 @pytest.mark.parametrize("name", list(MODES))
 def test_one_compiled_step_equals_one_eager_step(tmp_path, name):
     eager = one_step(tmp_path / "eager", False, MODES[name])
-    with CaptureLogger(logging.get_logger("hf_rwsam.sharpness.step")) as captured:
+    with CaptureLogger(logging.get_logger("hf_rwsam.sharpness")) as captured:
         compiled = one_step(tmp_path / "compiled", True, MODES[name])
     assert hasattr(compiled.model_wrapped, "_orig_mod"), "the Trainer did not compile the model"
     ours, reference = flat_params(compiled.accelerator.unwrap_model(compiled.model)), flat_params(eager.model)

@@ -23,12 +23,14 @@ import psutil
 import pytest
 import torch
 
-from test_rwsam import ref_gibbs, reference_rwsam_gradient
+from references import ref_gibbs, reference_rwsam_gradient
 from utils import SequentialTrainer, TinyMLP, flat_params, make_tensors, relative_error, sgd_config, tensor_dataset
 
 WORKER = Path(__file__).parent / "distributed" / "train_worker.py"
 STEPS, PER_DEVICE, WORLD = 3, 4, 2
 TOL = 1e-5
+
+pytestmark = pytest.mark.distributed  # every test starts two processes
 
 
 def _free_port():
@@ -148,11 +150,11 @@ FSDP = {"fsdp": True, "fsdp_config": {"version": 2}, "sam_perturbation_scope": "
 PER_LAYER = {"fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["Linear"]}}  # nested FSDP modules
 
 
-def launch_fsdp(tmp_path, config):
+def launch_fsdp(tmp_path, config, **settings):
     """Accelerate's FSDP2 plugin on 2 CPU processes (train_worker.engage_fsdp_on_cpu); checks the model was sharded
     (the root alone, or each Linear too with PER_LAYER)."""
     proc, result = launch(tmp_path, {**FSDP, **config, "per_device_train_batch_size": PER_DEVICE, "max_steps": STEPS},
-                          fsdp=True)
+                          fsdp=True, **settings)
     params = _check(proc, result)
     assert result["distributed_type"] == "DistributedType.FSDP"
     assert set(result["sharded"]) == {"DTensor"}, result["sharded"]
@@ -199,6 +201,15 @@ def test_fsdp_rwsam_fd_restores_the_shards_after_its_probes(tmp_path, wrap):
     assert relative_error(ours, sam) <= TOL
     # uniform weights over the global batch: the ascent gradient (summed over ranks) is SAM's, norm included
     assert_first_norms_are_the_unsharded_one(result)
+
+
+def test_fsdp_original_parameters_write_x_into_the_shards_during_the_descent(tmp_path):
+    """What a save made inside the step sees under FSDP: the shards, written in place with x + e, hold x inside
+    `original_parameters()` and x + e again after it; the run is still SAM on the global batch."""
+    ours, result = launch_fsdp(tmp_path, {"sam_mode": "sam"}, hold_x_in_descent=True)
+    assert [len(held) for held in result["held_x"]] == [STEPS] * WORLD, result["held_x"]
+    assert all(all(checks) for held in result["held_x"] for checks in held), result["held_x"]
+    assert relative_error(ours, single_process(tmp_path, sam_mode="sam")) <= TOL
 
 
 def test_fsdp_rwsam_fd_weights_follow_the_per_sample_norms_of_the_whole_model(tmp_path):

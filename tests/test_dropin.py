@@ -101,7 +101,7 @@ def test_msam_auto_falls_back_to_the_loop_for_a_forward_that_reassigns_a_buffer(
     x, y = make_tensors(16)
     settings = dict(sam_mode="msam", msam_micro_batch_size=2, max_steps=2, save_strategy="steps", save_steps=2)
     trainer = _train(BufferAssigningMLP(), tmp_path / "auto", x, y, **settings)
-    assert trainer.sharpness_step._msam_vmap_ok is False
+    assert trainer.sharpness_step.msam.vmap_ok is False
     assert not torch._C._functorch.is_batchedtensor(trainer.model.calls)  # no batched tensor escaped: it saved
     assert (tmp_path / "auto" / "checkpoint-2" / "model.safetensors").exists()
     with pytest.raises(ValueError, match=r"msam_implementation='vmap'.*BufferAssigningMLP.*buffers \['calls'\]"):
@@ -169,7 +169,7 @@ def test_a_causal_lm_subclass_shifts_its_labels(tmp_path):
     """The per-sample rule shifts labels for causal LMs known by a parent class too (a subclass, a PEFT wrapper)."""
     from transformers import GPT2LMHeadModel
 
-    from test_objective import tiny_gpt2, token_dataset
+    from utils import tiny_gpt2, token_dataset
 
     class MyLM(GPT2LMHeadModel):
         pass

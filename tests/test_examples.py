@@ -346,6 +346,7 @@ def loss_and_accuracy(logits: torch.Tensor, labels: list[int]) -> tuple[float, f
 # ------------------------------------------------------------------------------------ train_image_classification.py
 
 
+@pytest.mark.slow  # runs the example scripts end to end
 def test_image_classification_on_digits(runs):
     out = finished(runs, "image")
     evaluation = check_outputs(out, ["eval_accuracy", "eval_loss"])
@@ -368,6 +369,7 @@ def test_image_classification_on_digits(runs):
     assert evaluation["eval_accuracy"] == pytest.approx(accuracy)
 
 
+@pytest.mark.slow  # runs the example scripts end to end
 @pytest.mark.parametrize("name", sorted(FAILURES))
 def test_failures_are_one_line_saying_what_to_do(runs, name):
     result, out = runs[name].result()
@@ -382,6 +384,7 @@ def test_failures_are_one_line_saying_what_to_do(runs, name):
 # ---------------------------------------------------------------------------------------------------- finetune_vit.py
 
 
+@pytest.mark.slow  # runs the example scripts end to end
 def test_finetune_vit_on_a_cifar10_copy(runs, inputs):
     out = finished(runs, "vit")
     evaluation = check_outputs(out, ["eval_accuracy", "eval_loss"])
@@ -419,6 +422,7 @@ def glue_logits(out: Path, pairs: list[tuple[str, ...]]) -> torch.Tensor:
         return torch.cat([model(**tokenizer(*texts, return_tensors="pt")).logits for texts in pairs])
 
 
+@pytest.mark.slow  # runs the example scripts end to end
 def test_run_glue_sst2_with_label_noise(runs):
     out = finished(runs, "sst2")
     evaluation = check_outputs(out, ["eval_accuracy", "eval_loss"])
@@ -434,6 +438,7 @@ def test_run_glue_sst2_with_label_noise(runs):
     assert evaluation["eval_accuracy"] == pytest.approx(accuracy)
 
 
+@pytest.mark.slow  # runs the example scripts end to end
 def test_run_glue_mrpc_from_csv_files(runs):
     out = finished(runs, "mrpc")
     evaluation = check_outputs(out, ["eval_accuracy", "eval_f1", "eval_loss"])

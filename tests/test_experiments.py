@@ -6,11 +6,14 @@
 - the paired statistics against a hand computation (t quantiles from the tables);
 - selection ties broken toward the defaults;
 - label_noise.py and msharpness.py: hyperparameters from the validation scores only, final runs on other seeds, the
-  run store shared between the two, and ``--from_json`` redoing the same tables.
+  run store shared between the two, and ``--from_json`` redoing the same tables;
+- label_issues.py: every method's scores against plain definitions of AUROC and precision at K, and its replay.
 """
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -146,6 +149,16 @@ def run_script(module, capsys, monkeypatch, *args):
     return capsys.readouterr().out
 
 
+def run_subprocess(name, *args):
+    """experiments/`name` with `args`, in its own process, offline; returns what it printed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / name), *args], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow  # trains both experiments end to end on two epochs (about 20 s)
 def test_label_noise_and_msharpness_end_to_end_share_runs_and_replay(tmp_path, capsys, monkeypatch):
     import label_noise
     import msharpness
@@ -203,3 +216,56 @@ def test_label_noise_and_msharpness_end_to_end_share_runs_and_replay(tmp_path, c
         assert "Clean test accuracy" in replayed or "clean test accuracy" in replayed
         assert printed.endswith(replayed)  # the progress lines, then the same tables
         assert (tmp_path / "again" / f"{name}.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # runs the experiment end to end (about a minute)
+def test_label_issues_scores_every_method_against_the_corrupted_labels_and_replays(tmp_path):
+    """experiments/label_issues.py on digits, one noise, one epoch: every method scores every example, the metrics
+    are the plain definitions (AUROC as the fraction of (corrupted, clean) pairs ordered right, precision among the K
+    top scores), cleanlab's cost is its five folds', and the record redoes the same table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("label_issues_experiment", EXPERIMENTS / "label_issues.py")
+    label_issues = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(label_issues)
+
+    out = run_subprocess("label_issues.py", "--datasets", "digits", "--noises", "asym40", "--epochs", "1",
+                     "--short_epochs", "1", "--seeds", "1", "--workers", "1", "--results_dir", str(tmp_path))
+    record = json.loads((tmp_path / "label_issues.json").read_text())
+    assert (tmp_path / "label_issues.png").stat().st_size > 0 and not (tmp_path / "label_issues.partial.json").exists()
+    results = record["results"]
+    assert sorted(r["kind"] for r in results) == ["fold"] * 5 + ["report"] * 2 + ["sgd"]
+
+    folds = [r for r in results if r["kind"] == "fold"]
+    held_out = sorted(i for r in folds for i in r["held_out"])
+    assert held_out == list(range(1797))  # cleanlab: every example predicted once, by a model that did not train on it
+
+    settings = record["settings"]
+    data = label_issues.noisy_dataset(settings, "digits", label_issues.NOISES["asym40"], 0)
+    noisy = np.asarray(data["is_noisy"])
+    assert 0 < noisy.sum() < len(noisy)
+
+    def plain_auroc(scores):
+        scores = np.asarray(scores)
+        bad, good = scores[noisy], scores[~noisy]
+        return ((bad[:, None] > good[None, :]).mean() + 0.5 * (bad[:, None] == good[None, :]).mean())
+
+    rows = label_issues.evaluate(settings, results)
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == set(label_issues.METHODS)
+    report = next(r for r in results if r["kind"] == "report" and r["estimator"] == "fd")
+    k = int(noisy.sum())
+    top = np.argsort(-np.asarray(report["scores"]))[:k]
+    assert by_method["RW-SAM fd report"]["auroc"] == pytest.approx(plain_auroc(report["scores"]), abs=1e-9)
+    assert by_method["RW-SAM fd report"]["precision_at_k"] == pytest.approx(noisy[top].mean())
+    sgd = next(r for r in results if r["kind"] == "sgd")
+    assert by_method["AUM"]["auroc"] == pytest.approx(plain_auroc(sgd["aum_scores"]), abs=1e-9)
+    assert by_method["small loss"]["auroc"] == pytest.approx(plain_auroc(sgd["small_loss_scores"]), abs=1e-9)
+    cleanlab = by_method["cleanlab (5-fold CV)"]
+    assert cleanlab["cpu_s"] == pytest.approx(sum(r["cpu_s"] + r["inference_cpu_s"] for r in folds))
+    assert by_method["RW-SAM fd report"]["cost_vs_cleanlab"] == pytest.approx(report["cpu_s"] / cleanlab["cpu_s"])
+
+    table = out[out.index("| data |"):]
+    replayed = run_subprocess("label_issues.py", "--from_json", str(tmp_path / "label_issues.json"),
+                          "--results_dir", str(tmp_path / "again"))
+    assert replayed[replayed.index("| data |"):] == table

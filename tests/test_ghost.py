@@ -133,8 +133,8 @@ def reference_grads(model, inputs, labels, use_vmap=True) -> dict[str, torch.Ten
 
 def ours(model, inputs, labels, p):
     params = [q for q in model.parameters() if q.requires_grad]
-    per_sample = PerSampleGradients(model, params, len(labels))
-    with per_sample.recording():
+    per_sample = PerSampleGradients(model, params)
+    with per_sample.recording(len(labels)):
         losses = per_sample_losses(model, inputs, labels)
     norms = per_sample.norms(losses)
     return norms, per_sample.weighted_gradient(p), per_sample
@@ -182,31 +182,43 @@ class Scaled(nn.Module):
         return x * self.gain
 
 
-def test_unknown_layers_and_tied_parameters_take_the_batched_estimator_and_are_named_once():
-    """A layer no rule knows (`Scaled`) and a weight shared by two layers: their per-sample gradients come from batched
-    backward passes (today's estimator), the rest from the layers; the norms stay exact, and the step names them."""
+class TiedWithUnknownLayer(nn.Module):
+    """An embedding tied to the output layer (GPT-2's ``wte``), and a layer no rule knows (`Scaled`) between."""
 
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(9, 6)
-            self.scaled = Scaled(6)
-            self.head = nn.Linear(6, 9, bias=False)
-            self.head.weight = self.emb.weight  # tied, as GPT-2's
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 6)
+        self.scaled = Scaled(6)
+        self.head = nn.Linear(6, 9, bias=False)
+        self.head.weight = self.emb.weight
 
-        def forward(self, ids):
-            return self.head(torch.tanh(self.scaled(self.emb(ids)))).mean(1)
+    def forward(self, ids):
+        return self.head(torch.tanh(self.scaled(self.emb(ids)))).mean(1)
 
-    torch.manual_seed(0)
-    model = Model()
+
+def tied_batch():
     ids = torch.randint(0, 9, (5, 4), generator=torch.Generator().manual_seed(0))
-    inputs, labels = {"ids": ids}, torch.randint(0, 9, (5,), generator=torch.Generator().manual_seed(1))
-    p = torch.full((5,), 0.2)
+    return {"ids": ids}, torch.randint(0, 9, (5,), generator=torch.Generator().manual_seed(1))
+
+
+def test_tied_weights_take_cross_terms_and_unknown_layers_the_batched_estimator_named_once():
+    """The tied weight's two uses (embedding rows, output layer) add their cross terms from the same pass; the layer no
+    rule knows (`Scaled`) takes batched backward passes. The norms stay exact, and one warning names the parameter by
+    its path, says why and what it costs."""
+    torch.manual_seed(0)
+    model = TiedWithUnknownLayer()
+    inputs, labels = tied_batch()
+    p = torch.softmax(torch.randn(5, generator=torch.Generator().manual_seed(3)), 0)
     norms, weighted, per_sample = ours(model, inputs, labels, p)
-    assert {id(q) for q in per_sample.batched} == {id(model.scaled.gain), id(model.emb.weight)}
+    assert {id(q) for q in per_sample.batched} == {id(model.scaled.gain)}
     reference = reference_grads(model, inputs, labels)
     expected = torch.sqrt(sum(g.flatten(1).double().square().sum(1) for g in reference.values()))
     assert ((norms.double() - expected).abs() / expected).max() <= TOL
+    names = [n for n, q in model.named_parameters()]
+    flat = torch.cat([w.reshape(-1) for w in weighted]).double()
+    expected_weighted = torch.cat([torch.einsum("b,b...->...", p.double(), reference[n].double()).reshape(-1)
+                                   for n in names])
+    assert (flat - expected_weighted).norm() / expected_weighted.norm() <= TOL
 
     step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam", rwsam_estimator="exact"))
 
@@ -215,11 +227,35 @@ def test_unknown_layers_and_tied_parameters_take_the_batched_estimator_and_are_n
         loss = F.cross_entropy(logits, batch["labels"])
         return (loss, {"logits": logits}) if return_outputs else loss
 
-    with CaptureLogger(logging.get_logger("hf_rwsam.sharpness.step")) as captured:
+    with CaptureLogger(logging.get_logger("hf_rwsam.sharpness.ghost")) as captured:
         for _ in range(2):
-            step(model, {"ids": ids, "labels": labels}, loss_fn)
+            step(model, {**inputs, "labels": labels}, loss_fn)
     assert captured.out.count("take their per-sample gradients by batched backward passes") == 1, captured.out
-    assert "Scaled" in captured.out and "Linear" in captured.out
+    assert "scaled.gain: no per-sample rule for its layer (Scaled" in captured.out, captured.out
+    assert "emb.weight" not in captured.out
+
+
+def test_a_registered_rule_covers_a_users_layer():
+    """`register_norm_rule(Scaled)`: the user's layer gets per-sample gradients from the same pass, exactly."""
+    from hf_rwsam.sharpness import register_norm_rule
+    from hf_rwsam.sharpness.norm_rules import _RULES
+
+    @register_norm_rule(Scaled)
+    def scaled_rule(layer, activations, backprops, b):
+        (x,) = activations
+        return {layer.gain: (x * backprops).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+
+    try:
+        torch.manual_seed(0)
+        model = TiedWithUnknownLayer()
+        inputs, labels = tied_batch()
+        norms, _, per_sample = ours(model, inputs, labels, torch.full((5,), 0.2))
+        assert per_sample.batched == []
+        reference = reference_grads(model, inputs, labels)
+        expected = torch.sqrt(sum(g.flatten(1).double().square().sum(1) for g in reference.values()))
+        assert ((norms.double() - expected).abs() / expected).max() <= TOL
+    finally:
+        del _RULES[Scaled]
 
 
 def test_batchnorm_in_eval_mode_is_per_sample_and_in_training_mode_takes_the_batched_estimator():
@@ -259,8 +295,8 @@ def test_bf16_autocast_norms_are_fp32_and_close_to_the_fp32_ones():
     inputs, labels = conv_batch()
     p = torch.full((6,), 1 / 6)
     fp32, _, _ = ours(model, inputs, labels, p)
-    per_sample = PerSampleGradients(model, list(model.parameters()), 6)
-    with per_sample.recording(), torch.autocast("cpu", dtype=torch.bfloat16):
+    per_sample = PerSampleGradients(model, list(model.parameters()))
+    with per_sample.recording(6), torch.autocast("cpu", dtype=torch.bfloat16):
         losses = per_sample_losses(model, inputs, labels)
     norms = per_sample.norms(losses)
     assert norms.dtype == torch.float32

@@ -82,6 +82,7 @@ def test_local_hub_answers_huggingface_hub_uploads_and_downloads(hub, online, tm
 # --------------------------------------------------------------------------------------------- the Trainer
 
 
+@pytest.mark.slow  # a training run and a push in a child process
 def test_trainer_pushes_model_and_card_and_the_model_loads_back(hub, tmp_path):
     env = {
         **os.environ,

@@ -1,5 +1,5 @@
 """The step is launch-light: ATen operators dispatched per step (each at most one kernel launch on a GPU), counted on the
-CPU with `hf_rwsam.profiling` on timm's resnet18 (62 parameter tensors), as benchmarks/step_time.py does.
+CPU with `benchmarks/profiling.py` on timm's resnet18 (62 parameter tensors), as benchmarks/step_time.py does.
 
 Targets (the GPU step is launch-bound for small and mid-sized models):
 * one finite-difference probe costs at most one forward + 40 operators (drawing the signs tensor by tensor cost
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.profiling import count_aten_ops
 from hf_rwsam import RWSAMConfig, RWSAMTrainer
-from hf_rwsam.profiling import count_aten_ops
 
 
 class Classifier(nn.Module):

@@ -41,8 +41,8 @@ def test_regression_squared_error():
 
 @pytest.mark.parametrize("shift", [False, True])
 def test_token_level_losses_are_each_sequences_share_of_the_token_mean(shift):
-    """ALGORITHMS.md: l_i = b * (sequence i's summed token losses) / (tokens in the batch), so that their mean is the
-    token mean the models and the Trainer's label smoother compute (not the mean of per-sequence means)."""
+    """docs/ALGORITHMS.md: l_i = b * (sequence i's summed token losses) / (tokens in the batch), so that their mean is
+    the token mean the models and the Trainer's label smoother compute (not the mean of per-sequence means)."""
     logits = torch.randn(3, 5, 7, generator=_gen())
     labels = torch.randint(0, 7, (3, 5), generator=_gen())
     labels[0, 3:] = -100

@@ -15,17 +15,11 @@ import torch
 
 from hf_rwsam import RWSAMConfig, RWSAMTrainer
 
+from references import EVERY_MODE
 from utils import TinyMLP, make_tensors
 
-MODES = [
-    ("sam", {}),
-    ("sam", {"sam_adaptive": True}),
-    ("msam", {"msam_micro_batch_size": 4, "msam_implementation": "loop"}),
-    ("msam", {"msam_micro_batch_size": 4, "msam_implementation": "vmap"}),
-    ("rwsam", {"rwsam_num_probes": 2}),
-    ("rwsam", {"rwsam_estimator": "exact"}),
-]
-IDS = ["sam", "asam", "msam_loop", "msam_vmap", "rwsam_fd", "rwsam_exact"]
+MODES = [(settings["sam_mode"], {k: v for k, v in settings.items() if k != "sam_mode"}) for settings in EVERY_MODE.values()]
+IDS = list(EVERY_MODE)
 
 
 class DtypeRecordingMLP(TinyMLP):

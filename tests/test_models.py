@@ -266,6 +266,7 @@ def test_save_and_load_round_trip(tmp_path, name, kwargs, side):
         assert torch.equal(backbone(pixel_values=x).pooler_output, features)
 
 
+@pytest.mark.slow  # a fresh interpreter imports timm and transformers
 def test_import_hf_rwsam_is_what_registers_the_architectures(tmp_path):
     create_model("small_cnn", num_labels=2, in_chans=1).save_pretrained(tmp_path)
     script = textwrap.dedent(

@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
+from references import msam_reference
 from utils import (
     SequentialTrainer,
     TinyCNN,
@@ -49,51 +50,6 @@ RHO = 0.1
 
 def _bn_modules(model):
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
-
-
-def _group_loss(model, inputs, labels):
-    return F.cross_entropy(model(inputs)["logits"], labels)
-
-
-def msam_reference(model, inputs, labels, m, rho, lr, steps, freeze_bn_in_descent=True):
-    """Sequential m-SAM (tml-epfl/understanding-sam) with plain SGD, on the same batch every step. In place.
-
-    ``freeze_bn_in_descent=False`` is a deliberately wrong variant (descent forwards update BN running statistics),
-    used to show the BatchNorm comparison can fail.
-    """
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    b = labels.shape[0]
-    k = b // m
-    for _ in range(steps):
-        step_grad = [torch.zeros_like(p) for p in params]
-        for j in range(k):
-            xg, yg = inputs[j * m : (j + 1) * m], labels[j * m : (j + 1) * m]
-            # Ascent at x, train mode: BatchNorm uses the group's statistics and updates its running statistics.
-            g = torch.autograd.grad(_group_loss(model, xg, yg), params)
-            norm = torch.sqrt(sum((t.double() ** 2).sum() for t in g)).float()
-            saved = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, t in zip(params, g):
-                    p.add_(rho * t / norm)
-            # Descent at x + e_j: still batch statistics, but running statistics frozen.
-            frozen = _bn_modules(model) if freeze_bn_in_descent else []
-            for bn in frozen:
-                bn.track_running_stats = False
-            try:
-                descent = torch.autograd.grad(_group_loss(model, xg, yg), params)
-            finally:
-                for bn in frozen:
-                    bn.track_running_stats = True
-                with torch.no_grad():
-                    for p, s in zip(params, saved):
-                        p.copy_(s)
-            for acc, t in zip(step_grad, descent):
-                acc.add_(t / k)
-        with torch.no_grad():
-            for p, t in zip(params, step_grad):
-                p.sub_(lr * t)
-    return model
 
 
 def _buffers(model):
@@ -206,11 +162,11 @@ def test_msam_auto_falls_back_to_loop(tmp_path):
     model = ItemMLP().float()
     common = dict(sam_mode="msam", msam_micro_batch_size=m, per_device_train_batch_size=b, max_steps=steps)
 
-    logger = logging.get_logger("hf_rwsam.sharpness.step")
+    logger = logging.get_logger("hf_rwsam.sharpness")
     with CaptureLogger(logger) as captured:
         auto = _train(copy.deepcopy(model), dataset, tmp_path, "auto", msam_implementation="auto", **common)
     assert auto.state.global_step == steps
-    assert auto.sharpness_step._msam_vmap_ok is False
+    assert auto.sharpness_step.msam.vmap_ok is False
     assert "loop" in captured.out and "m-SAM" in captured.out, captured.out
     assert captured.out.count("m-SAM") == 1, "the fallback should be decided (and logged) once"
 
@@ -231,7 +187,7 @@ def test_msam_auto_uses_vmap_where_it_runs(tmp_path):
         _mlp(), tensor_dataset(x, y), tmp_path, "auto", sam_mode="msam", msam_micro_batch_size=m,
         per_device_train_batch_size=b, max_steps=1, msam_implementation="auto",
     )
-    assert trainer.sharpness_step._msam_vmap_ok is True
+    assert trainer.sharpness_step.msam.vmap_ok is True
 
 
 # ---------------------------------------------------------------------------------------------- accumulation = m-SAM

@@ -17,8 +17,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from pytorch_optimizer import SAM
-from datasets import Dataset
 from transformers import PretrainedConfig
 from transformers.utils import logging
 from transformers.testing_utils import CaptureLogger
@@ -26,8 +24,18 @@ from transformers.testing_utils import CaptureLogger
 from hf_rwsam import RWSAMConfig, RWSAMTrainer
 from hf_rwsam.losses import model_logits
 
-from test_rwsam import ref_gibbs
-from utils import SequentialTrainer, TinyMLP, flat_params, make_tensors, relative_error, sgd_config, tensor_dataset
+from references import msam_reference, pytorch_optimizer_sam, ref_gibbs, reference_rwsam
+from utils import (
+    SequentialTrainer,
+    TinyMLP,
+    flat_params,
+    make_tensors,
+    relative_error,
+    sgd_config,
+    tensor_dataset,
+    tiny_gpt2,
+    token_dataset,
+)
 
 TOL = 1e-5
 LR = 0.1
@@ -101,15 +109,7 @@ def _train(model, x, y, tmp_path, trainer_cls=RWSAMTrainer, trainer_kwargs=None,
 
 def _peer_sam(model, x, y, loss_of, rho=0.05, adaptive=False, steps=STEPS):
     """pytorch_optimizer's SAM (around SGD) stepping on ``loss_of(model, x, y)``."""
-    model.train()
-    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, lr=LR, momentum=0.0)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss_of(model, x, y).backward()
-        optimizer.first_step(zero_grad=True)
-        loss_of(model, x, y).backward()
-        optimizer.second_step(zero_grad=True)
-    return model
+    return pytorch_optimizer_sam(model, x, y, rho, LR, steps, adaptive, loss_of)
 
 
 def _weighted(model, x, y):
@@ -179,27 +179,7 @@ def test_msam_groups_ascend_along_compute_loss_func(tmp_path, counts_items):
         return _weighted(model, xg, yg) / k  # the group's mean, one k-th of the step
 
     def reference(loss_of_group):
-        ref = copy.deepcopy(model).train()
-        params = list(ref.parameters())
-        for _ in range(STEPS):
-            total = [torch.zeros_like(p) for p in params]
-            for j in range(k):
-                xg, yg = x[j * m : (j + 1) * m], y[j * m : (j + 1) * m]
-                g = torch.autograd.grad(loss_of_group(ref, xg, yg), params)
-                norm = torch.sqrt(sum(gi.square().sum() for gi in g))
-                saved = [p.detach().clone() for p in params]
-                with torch.no_grad():
-                    for p, gi in zip(params, g):
-                        p.add_(0.3 * gi / norm)
-                descent = torch.autograd.grad(loss_of_group(ref, xg, yg), params)
-                with torch.no_grad():
-                    for p, p0, t, d in zip(params, saved, total, descent):
-                        p.copy_(p0)
-                        t.add_(d)
-            with torch.no_grad():
-                for p, t in zip(params, total):
-                    p.sub_(LR * t)
-        return flat_params(ref)
+        return flat_params(msam_reference(copy.deepcopy(model), x, y, m, 0.3, LR, STEPS, group_loss=loss_of_group))
 
     ours = flat_params(trainer.model)
     assert relative_error(ours, reference(group_loss)) <= TOL
@@ -210,29 +190,10 @@ def test_msam_groups_ascend_along_compute_loss_func(tmp_path, counts_items):
     assert relative_error(ours, reference(other)) > 100 * TOL
 
 
-def reference_rwsam(model, x, y, per_sample, loss, steps=STEPS, rho=0.1, lam=2.0):
-    """RW-SAM written from ALGORITHMS.md for a user's objective: exact per-sample norms by a loop over samples,
-    Gibbs weights, ascent on sum_i p_i l_i, descent on `loss`."""
-    params = list(model.parameters())
-    model.train()
-    for _ in range(steps):
-        losses = per_sample(model(x), y)
-        norms = torch.stack([  # ||grad l_i||, one backward per sample (no BatchNorm: l_i depends on sample i only)
-            torch.sqrt(sum(g.double().square().sum() for g in torch.autograd.grad(losses[i], params, retain_graph=True)))
-            for i in range(len(y))
-        ])
-        p = ref_gibbs(norms, lam=lam).float()
-        g = torch.autograd.grad((p * per_sample(model(x), y)).sum(), params)
-        g_norm = torch.sqrt(sum(gi.square().sum() for gi in g))
-        saved = [q.detach().clone() for q in params]
-        with torch.no_grad():
-            for q, gi in zip(params, g):
-                q.add_(rho * gi / g_norm)
-        descent = torch.autograd.grad(loss(model, x, y), params)
-        with torch.no_grad():
-            for q, q0, gi in zip(params, saved, descent):
-                q.copy_(q0 - LR * gi)
-    return model
+def rwsam_on(model, x, y, per_sample, loss, rho=0.1, lam=2.0):
+    """RW-SAM (`references.reference_rwsam`) for a user's objective: Gibbs weights at `lam` over exact per-sample norms
+    of `per_sample`, ascent on sum_i p_i l_i, descent on `loss`."""
+    return reference_rwsam(model, x, y, STEPS, LR, rho, lambda n: ref_gibbs(n, lam=lam), per_sample, loss)
 
 
 def test_rwsam_weights_the_users_per_sample_loss(tmp_path):
@@ -247,14 +208,43 @@ def test_rwsam_weights_the_users_per_sample_loss(tmp_path):
         sam_rho=0.1, trainer_kwargs={"compute_loss_func": weighted_ce, "per_sample_loss_func": weighted_ce_per_sample},
     )
     ours = flat_params(trainer.model)
-    reference = reference_rwsam(copy.deepcopy(model), x, y, weighted_ce_per_sample, _weighted)
+    reference = rwsam_on(copy.deepcopy(model), x, y, weighted_ce_per_sample, _weighted)
     assert relative_error(ours, flat_params(reference)) <= TOL
 
     def plain_per_sample(outputs, labels):
         return F.cross_entropy(outputs["logits"], labels, reduction="none")
 
-    unweighted = reference_rwsam(copy.deepcopy(model), x, y, plain_per_sample, _plain)
+    unweighted = rwsam_on(copy.deepcopy(model), x, y, plain_per_sample, _plain)
     assert relative_error(ours, flat_params(unweighted)) > 100 * TOL
+
+
+def unweighted_ce_per_sample(outputs, labels):
+    """A per_sample_loss_func that forgets the class weights of `weighted_ce`."""
+    return F.cross_entropy(model_logits(outputs).float(), labels, reduction="none")
+
+
+def negated_ce_per_sample(outputs, labels):
+    """A per_sample_loss_func returning -l_i: RW-SAM's ascent would descend."""
+    return -weighted_ce_per_sample(outputs, labels)
+
+
+@pytest.mark.parametrize("per_sample, message", [
+    (unweighted_ce_per_sample, r"per_sample_loss_func does not reproduce this loss: their mean is .* where the loss "
+                               r"being optimised is (.|\n)*class-weighted loss needs its weights(.|\n)*def "),
+    (negated_ce_per_sample, r"per_sample_loss_func returned negative ones \(the smallest is -.*\) where the loss being "
+                            r"optimised is .* >= 0"),
+], ids=["forgets_the_class_weights", "negative"])
+def test_rwsam_checks_the_users_per_sample_loss_on_the_first_step(tmp_path, per_sample, message):
+    """A user's per_sample_loss_func is checked against the loss being optimised as the built-in rule is (it was
+    trusted as given): one that forgets the class weights, or returns -l_i, stops the first step with the numbers,
+    parameters untouched."""
+    x, y = make_tensors(n=8, seed=3)
+    model = _model()
+    before = flat_params(model)
+    with pytest.raises(ValueError, match=message):
+        _train(model, x, y, tmp_path, sam_mode="rwsam",
+               trainer_kwargs={"compute_loss_func": weighted_ce, "per_sample_loss_func": per_sample})
+    assert torch.equal(flat_params(model), before), "the refused step moved the parameters"
 
 
 def test_rwsam_refuses_compute_loss_func_without_per_sample_losses(tmp_path):
@@ -385,23 +375,6 @@ def test_fp16_on_cpu_says_it_has_no_effect(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- transformers models
-
-
-def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2))
-
-
-def token_dataset(n=8, t=10, vocab=40, seed=0):
-    """Sequences of different lengths: the tails are padding, labelled -100."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (n, t), generator=g)
-    labels = ids.clone()
-    for i in range(n):
-        labels[i, 4 + i % 6 :] = -100
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()}).with_format("torch")
 
 
 @pytest.mark.parametrize("mode", ["sam", "rwsam"])

@@ -53,6 +53,7 @@ def recomputed_accuracy(output_dir: Path) -> float:
     return correct / len(test)
 
 
+@pytest.mark.slow  # 30 steps of each mode through the script
 @pytest.mark.parametrize("mode", list(MODES))
 def test_every_mode_trains_and_prints_the_clean_test_accuracy(loop_script, tmp_path, capsys, mode):
     out = tmp_path / "out"
@@ -68,6 +69,7 @@ def test_every_mode_trains_and_prints_the_clean_test_accuracy(loop_script, tmp_p
     assert accuracy > 0.2, "30 steps of SGD with momentum on digits should be well above chance (0.1)"
 
 
+@pytest.mark.distributed
 def test_two_processes_under_torchrun(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(

@@ -16,93 +16,22 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from hf_rwsam import gibbs_weights, sample_grad_norms
-from hf_rwsam.sharpness.reweight import default_fd_step
+from hf_rwsam.sharpness.estimators import default_fd_step
 
+from references import (
+    loop_grad_matrix,
+    loop_grad_norms,
+    per_sample_ce,
+    ref_cap,
+    ref_ess_fraction,
+    ref_gibbs,
+    ref_lambda_for_ess,
+    ref_scores,
+    reference_rwsam,
+)
 from utils import SequentialTrainer, TinyMLP, flat_params, make_tensors, relative_error, sgd_config, tensor_dataset
 
-# --------------------------------------------------------------------------------------------- plain references
-
-
-def per_sample_ce(model, inputs):
-    """The loss_fn of `sample_grad_norms`: per-sample cross-entropy, [b]."""
-    return F.cross_entropy(model(inputs["x"])["logits"], inputs["labels"], reduction="none")
-
-
-def loop_grad_norms(model, x, y):
-    """||grad l_i|| by one forward and backward per sample (no BatchNorm, so l_i depends on sample i only)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    norms = []
-    for i in range(len(y)):
-        loss = F.cross_entropy(model(x[i : i + 1])["logits"], y[i : i + 1])
-        grads = torch.autograd.grad(loss, params)
-        norms.append(torch.sqrt(sum(g.double().square().sum() for g in grads)))
-    return torch.stack(norms)
-
-
-def loop_grad_matrix(model, x, y):
-    """Per-sample gradients as rows of a float64 [b, d] matrix, by a loop of backward calls."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(len(y)):
-        loss = F.cross_entropy(model(x[i : i + 1])["logits"], y[i : i + 1])
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double())
-    return torch.stack(rows)
-
-
-def ref_scores(n, normalize):
-    n = n.double()
-    return n / n.mean() if normalize == "mean" else n
-
-
-def ref_ess_fraction(p):
-    p = p.double()
-    return float(p.sum() ** 2 / p.square().sum() / p.numel())
-
-
-def ref_lambda_for_ess(scores, target):
-    """lambda >= 0 with ESS(softmax(lambda * s)) = target * b, by plain bisection in float64 (ESS falls with lambda)."""
-    scores = scores.double()
-    if target >= 1:
-        return 0.0
-
-    def ess(lam):
-        return ref_ess_fraction(torch.softmax(lam * scores, 0))
-
-    lo, hi = 0.0, 1.0
-    while ess(hi) > target and hi < 1e12:
-        lo, hi = hi, hi * 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ess(mid) > target else (lo, mid)
-    return (lo + hi) / 2
-
-
-def ref_cap(p, c):
-    """The plain iterative cap: clip at c/b, renormalise the uncapped ones to the remaining mass, repeat."""
-    p = p.double().clone()
-    b = p.numel()
-    cap = c / b
-    capped = torch.zeros(b, dtype=torch.bool)
-    while True:
-        over = (p > cap) & ~capped
-        if not over.any():
-            return p
-        capped |= over
-        p[capped] = cap
-        free = ~capped
-        if free.any():
-            p[free] = p[free] * (1 - cap * capped.sum()) / p[free].sum()
-
-
-def ref_gibbs(n, lam=1.0, normalize="mean", target_ess=None, max_weight=None):
-    """RW-SAM's weights from ALGORITHMS.md, float64."""
-    s = ref_scores(n, normalize)
-    if target_ess is not None:
-        lam = ref_lambda_for_ess(s, target_ess)
-    p = torch.softmax(lam * s, 0)
-    if max_weight is not None:
-        p = ref_cap(p, max_weight)
-    return p
+# --------------------------------------------------------------------------------------------- test data
 
 
 def random_norms(b, seed):
@@ -319,7 +248,7 @@ def test_default_fd_step_is_in_the_flat_region():
     error) came out 20% *below* the flat region by chance, its curvature error offsetting that set's sampling error;
     averaged over 16 sets it is above it, as it must be. The third column shows the single-set numbers.
 
-    Column ``discretisation``: the part due to h alone. The test's own fd (the formula of ALGORITHMS.md, its own
+    Column ``discretisation``: the part due to h alone. The test's own fd (the formula of docs/ALGORITHMS.md, its own
     probes) against the exact directional derivatives u_q . grad l_i for the same probes; with no sampling noise it
     shows both cliffs: round-off ~ eps / h on the left, curvature ~ h on the right.
     """
@@ -396,35 +325,6 @@ def train(model, tmp_path, x, y, steps, trainer_cls=SequentialTrainer, dataset=N
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset)
     trainer.train()
     return trainer
-
-
-def reference_rwsam_gradient(model, x, y, rho, weights_fn):
-    """One RW-SAM step's descent gradient, written from ALGORITHMS.md: exact per-sample norms by a loop, Gibbs weights
-    ``weights_fn(norms)``, ascent on sum_i p_i l_i, the mean loss's gradient at x + e; the parameters are restored."""
-    params = list(model.parameters())
-    p = weights_fn(loop_grad_norms(model, x, y)).float()
-    losses = F.cross_entropy(model(x)["logits"], y, reduction="none")
-    g = torch.autograd.grad((p * losses).sum(), params)
-    g_norm = torch.sqrt(sum(gi.square().sum() for gi in g))
-    saved = [q.detach().clone() for q in params]
-    with torch.no_grad():
-        for q, gi in zip(params, g):
-            q.add_(rho * gi / g_norm)
-    descent = torch.autograd.grad(model(x, labels=y)["loss"], params)  # mean loss at x + e
-    with torch.no_grad():
-        for q, q0 in zip(params, saved):
-            q.copy_(q0)
-    return descent
-
-
-def reference_rwsam(model, x, y, steps, lr, rho, weights_fn):
-    """RW-SAM with plain SGD on one fixed batch (`reference_rwsam_gradient`)."""
-    for _ in range(steps):
-        descent = reference_rwsam_gradient(model, x, y, rho, weights_fn)
-        with torch.no_grad():
-            for q, gi in zip(model.parameters(), descent):
-                q.sub_(lr * gi)
-    return model
 
 
 @pytest.mark.parametrize("estimator", ["fd", "exact"])
@@ -574,7 +474,7 @@ def test_noisy_weight_mass_is_the_noisy_fraction_under_uniform_weights(tmp_path)
 def test_fd_probes_of_shards_shift_every_coordinate_by_h_over_the_root_of_the_whole_models_size():
     # Under FSDP a process sees only its shards; the shift must use d of the whole model, not of the shards:
     # each coordinate moves by +-h/sqrt(d).
-    from hf_rwsam.sharpness.reweight import fd_probe_losses
+    from hf_rwsam.sharpness.estimators import fd_probe_losses
 
     shards = [torch.zeros(3, 4), torch.zeros(5)]
     seen = []

@@ -3,13 +3,24 @@
 import contextlib
 import copy
 import math
+import os
+import random
+import signal
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import TrainerCallback
 
-from hf_rwsam import RWSAMTrainer
+import hf_rwsam
+from hf_rwsam import RWSAMTrainer, SharpnessAwareStep, SharpnessSettings
+from hf_rwsam.sharpness import AccelerateHost, RNGReplay
 
+from references import EVERY_MODE
 from utils import TinyCNN, TinyMLP, flat_params, make_images, make_tensors, sgd_config, tensor_dataset
 
 
@@ -130,14 +141,8 @@ def test_checkpoint_holds_clean_weights(tmp_path):
         assert torch.equal(saved[name], value), name
 
 
-MODES = [
-    ("sam", {}),
-    ("sam", {"sam_adaptive": True}),
-    ("msam", {"msam_micro_batch_size": 4, "msam_implementation": "loop"}),
-    ("msam", {"msam_micro_batch_size": 4, "msam_implementation": "vmap"}),
-    ("rwsam", {}),
-    ("rwsam", {"rwsam_estimator": "exact", "rwsam_target_ess": 0.5}),
-]
+MODES = [pytest.param(settings["sam_mode"], {k: v for k, v in settings.items() if k != "sam_mode"}, id=name)
+         for name, settings in EVERY_MODE.items()]
 
 
 @pytest.mark.parametrize("mode,extra", MODES)
@@ -223,3 +228,376 @@ def test_written_parameters_write_in_place_and_restore_bit_exactly(raises):
                 raise RuntimeError("descent failed")
     assert torch.equal(flat, before)
     assert len(writes) == 2 and torch.equal(writes[1], before)  # called after the write and after the restore
+
+
+# ---------------------------------------------------------------------------------------------- interrupts (Ctrl-C)
+
+PACKAGE = str(Path(hf_rwsam.__file__).resolve().parent) + os.sep
+
+
+class DrawsFromEveryGenerator(nn.Module):
+    """Consumes Python's and NumPy's random numbers too (as a data-augmenting model may), so that the sweep sees a
+    replay of those generators left unfinished."""
+
+    def forward(self, x):
+        random.random()
+        np.random.rand()
+        return x
+
+
+class SweepNet(nn.Module):
+    """A tiny Trainer-style model with dropout and BatchNorm (or, for the exact estimator's layer rules, LayerNorm)."""
+
+    def __init__(self, norm="batch"):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8) if norm == "batch" else nn.LayerNorm(8), nn.Tanh(),
+                                 nn.Dropout(0.25), DrawsFromEveryGenerator(), nn.Linear(8, 3))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+
+def sweep_loss(model, batch, return_outputs=False):
+    outputs = model(batch["x"], labels=batch["labels"])
+    return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+
+class LineTracer:
+    """`sys.settrace` function counting the line events inside hf_rwsam/ (calling `on_line(k)` at the k-th), or
+    raising KeyboardInterrupt at the `interrupt_at`-th, as a Ctrl-C landing just before that line would. Python stops
+    tracing once the tracer raises, so the restoring code then runs as it would after a real interrupt."""
+
+    def __init__(self, interrupt_at=None, on_line=None, within=None):
+        self.interrupt_at, self.on_line, self.count, self.where = interrupt_at, on_line, 0, None
+        self.within = within  # (file under hf_rwsam/, function names): only their lines (default: all of hf_rwsam/)
+
+    def __call__(self, frame, event, arg):
+        code = frame.f_code
+        if not code.co_filename.startswith(PACKAGE):
+            return None
+        if self.within is not None and not (code.co_filename.endswith(self.within[0])
+                                            and code.co_name in self.within[1]):
+            return None
+        return self.local
+
+    def local(self, frame, event, arg):
+        if event == "line":
+            if self.count == self.interrupt_at:
+                self.where = f"{frame.f_code.co_filename[len(PACKAGE):]}:{frame.f_lineno}"
+                raise KeyboardInterrupt
+            if self.on_line is not None:
+                self.on_line(self.count)
+            self.count += 1
+        return self.local
+
+
+def rng_states():
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def same_rng_states(a, b) -> bool:
+    (torch_a, python_a, numpy_a), (torch_b, python_b, numpy_b) = a, b
+    return (torch.equal(torch_a, torch_b) and python_a == python_b
+            and all(np.array_equal(u, v) for u, v in zip(numpy_a, numpy_b)))
+
+
+def seed_everything():
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+
+
+SWEEP_BATCH = (torch.randn(4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 1]))
+SWEEP_MODES = [
+    pytest.param("batch", dict(sam_mode="sam"), id="sam"),
+    pytest.param("batch", dict(sam_mode="sam", sam_adaptive=True), id="asam"),
+    pytest.param("batch", dict(sam_mode="msam", msam_micro_batch_size=2, msam_implementation="loop"), id="msam-loop"),
+    pytest.param("batch", dict(sam_mode="msam", msam_micro_batch_size=2, msam_implementation="vmap"), id="msam-vmap"),
+    pytest.param("batch", dict(sam_mode="rwsam", rwsam_num_probes=2), id="rwsam-fd"),
+    pytest.param("batch-under-bf16-autocast", dict(sam_mode="rwsam"), id="rwsam-fd-bf16"),  # fp32 probes
+    pytest.param("layer", dict(sam_mode="rwsam", rwsam_estimator="exact"), id="rwsam-exact"),
+]
+
+
+LINEAR = torch.nn.functional.linear
+
+
+def hooks(model):
+    return [(name, kind, list(getattr(module, kind))) for name, module in model.named_modules()
+            for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")]
+
+
+def batchnorm_flags(model):
+    return [m.track_running_stats for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+
+
+def interrupt_sweep(monkeypatch, template, step, state=lambda: None, within=None):
+    """The failures of the sweep: `step(model, tracer)` runs one step from the same random numbers on `model` (a fresh
+    copy of `template`) under `tracer`; `state()` is whatever else must be as before (a trainer's attributes);
+    `within`: ``(file, function names)``, to interrupt only at their lines."""
+    outside_replays = []  # the generators' states before each replay now open
+    real_replay = RNGReplay.replay
+
+    @contextlib.contextmanager
+    def replay(self):
+        outside_replays.append(rng_states())
+        try:
+            with real_replay(self):
+                yield
+        finally:
+            outside_replays.pop()
+
+    monkeypatch.setattr(RNGReplay, "replay", replay)
+
+    def gradient_of_a_full_step(model):
+        model.zero_grad(set_to_none=True)
+        step(model, None)
+        return [p.grad.clone() for p in model.parameters()]
+
+    # the uninterrupted step: its line events, and what each one found
+    counted = copy.deepcopy(template)
+    found = []
+    counting = LineTracer(on_line=lambda k: found.append((
+        outside_replays[0] if outside_replays else rng_states(), [b.clone() for b in counted.buffers()])),
+        within=within)
+    step(counted, counting)
+    lines = counting.count
+    assert lines > (20 if within else 100), f"only {lines} line events: is the tracer looking at hf_rwsam/?"
+    reference_gradient = gradient_of_a_full_step(copy.deepcopy(template))
+    state_before = state()
+
+    failures = {}
+    for k in range(lines):
+        model = copy.deepcopy(template)
+        before = [(p, p.detach().clone(), p.data_ptr()) for p in model.parameters()]
+        flags, hooks_before = batchnorm_flags(model), hooks(model)
+        tracer = LineTracer(interrupt_at=k, within=within)
+        with pytest.raises(KeyboardInterrupt):
+            step(model, tracer)
+        problems = []
+        for (name, p), (q, value, pointer) in zip(model.named_parameters(), before):
+            if p is not q or not torch.equal(p.detach(), value) or p.data_ptr() != pointer:
+                problems.append(f"{name} is not x on its own storage")
+        if batchnorm_flags(model) != flags:
+            problems.append("track_running_stats changed")
+        rng_found, buffers_found = found[k]
+        if not all(torch.equal(b, e) for b, e in zip(model.buffers(), buffers_found)):
+            problems.append("running statistics differ from the uninterrupted step's at this line")
+        if hooks(model) != hooks_before:
+            problems.append("hooks left")
+        if torch.nn.functional.linear is not LINEAR:  # the exact estimator records F.linear calls meanwhile
+            problems.append("torch.nn.functional.linear left replaced")
+            torch.nn.functional.linear = LINEAR
+        if not torch.is_grad_enabled():
+            problems.append("gradients left disabled")
+            torch.set_grad_enabled(True)
+        if torch._C._functorch.maybe_current_level() is not None:
+            problems.append("a torch.func transform left open")
+        if not same_rng_states(rng_states(), rng_found):
+            problems.append("a generator is not where the step had it")
+        if state() != state_before:
+            problems.append(f"{state()} where it was {state_before}")
+        if not problems and not all(torch.equal(g, r) for g, r in zip(gradient_of_a_full_step(model),
+                                                                       reference_gradient)):
+            problems.append("the next full step differs from a fresh model's")
+        if problems:
+            failures[f"line event {k} ({tracer.where})"] = problems
+    assert not failures, f"{len(failures)} of {lines} interrupted lines left the model changed:\n" + "\n".join(
+        f"{where}: {', '.join(problems)}" for where, problems in failures.items())
+
+
+def traced(tracer, call):
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        return call()
+    finally:
+        sys.settrace(previous)
+
+
+@pytest.mark.slow  # a settrace sweep: one step per executed line
+@pytest.mark.parametrize("norm,settings", SWEEP_MODES)
+def test_an_interrupt_at_any_line_of_the_step_leaves_the_model_as_it_was(monkeypatch, norm, settings):
+    """Ctrl-C at every line the step executes: one step counts the line events inside hf_rwsam/, then for each k a
+    fresh step on a fresh copy of the model is interrupted by a KeyboardInterrupt at the k-th. After each:
+
+    * every parameter is the same object, bit for bit as before and on its own storage (same data_ptr);
+    * BatchNorm's ``track_running_stats`` as before, its running statistics as the uninterrupted step had them at
+      that line (moved by the ascent forward if it ran, as a plain step interrupted there leaves them);
+    * no module hook left, gradients enabled, no torch.func transform left open;
+    * each generator (torch's, Python's, NumPy's) where the uninterrupted step had it at that line or, inside a
+      replay of the ascent's random numbers, where it was before the replay;
+    * and a full step then gives a fresh model's descent gradient, bit for bit.
+    """
+    x, y = SWEEP_BATCH
+    norm, _, autocast = norm.partition("-under-bf16-autocast")
+
+    def step(model, tracer):
+        sharpness_step = SharpnessAwareStep(SharpnessSettings(**settings))
+        seed_everything()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(autocast)):
+            traced(tracer, lambda: sharpness_step(model, {"x": x, "labels": y}, sweep_loss))
+
+    interrupt_sweep(monkeypatch, SweepNet(norm).train(), step)
+
+
+class SharedPositionsAttention(nn.Module):
+    """For the exact estimator's temporary changes: position ids ``[1, T]`` (given to every row while recording) and
+    `nn.MultiheadAttention`, sequence-first (its projections recorded through ``F.linear``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.project, self.positions = nn.Linear(2, 8), nn.Embedding(2, 8)
+        self.attention, self.head = nn.MultiheadAttention(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x, labels=None):
+        h = self.project(x.view(x.shape[0], 2, 2)) + self.positions(torch.arange(2)[None])  # [b, T = 2, 8]
+        h = h.transpose(0, 1)
+        logits = self.head(self.attention(h, h, h, need_weights=False)[0].mean(0))
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+
+class TinyViT(nn.Module):
+    """timm's ViT: its class token and position embedding get one copy per sample while recording."""
+
+    def __init__(self):
+        super().__init__()
+        import timm
+
+        self.vit = timm.create_model("vit_tiny_patch16_224", img_size=4, patch_size=2, in_chans=1, embed_dim=4,
+                                     depth=1, num_heads=1, num_classes=3)
+
+    def forward(self, x, labels=None):
+        logits = self.vit(x.view(x.shape[0], 1, 2, 2).repeat(1, 1, 2, 2))
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+
+@pytest.mark.slow  # a settrace sweep: one step per executed line
+@pytest.mark.parametrize("build", [SharedPositionsAttention, TinyViT], ids=["positions-attention", "timm-vit"])
+def test_an_interrupt_at_any_line_of_the_exact_estimators_step_leaves_the_model_as_it_was(monkeypatch, build):
+    """The sweep above, at every line of the exact estimator's recording (the rest of the step is swept above), on
+    models that make it change more: per-row position ids, ``F.linear`` recorded, broadcast parameters swapped for
+    per-sample copies."""
+    x, y = SWEEP_BATCH
+    torch.manual_seed(0)
+    template = build().train()
+
+    def step(model, tracer):
+        sharpness_step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam", rwsam_estimator="exact"))
+        seed_everything()
+        traced(tracer, lambda: sharpness_step(model, {"x": x, "labels": y}, sweep_loss))
+
+    recording = {"record", "recording", "restore", "_enter", "_per_sample_ids", "_keep", "_record", "linear",
+                 "_tracked", "parameters_registered"}
+    interrupt_sweep(monkeypatch, template, step, within=("sharpness/ghost.py", recording))
+
+
+@pytest.mark.slow  # a settrace sweep: one step per executed line
+@pytest.mark.parametrize("settings", [
+    dict(sam_mode="msam", msam_micro_batch_size=2, msam_implementation="loop"), dict(sam_mode="rwsam"),
+], ids=["msam-loop", "rwsam-fd"])
+def test_an_interrupt_at_any_line_of_the_trainers_step_leaves_model_and_trainer_as_they_were(
+        tmp_path, monkeypatch, settings):
+    """The same sweep through `RWSAMTrainer.training_step` (its descent scales the accumulation steps for m-SAM's
+    groups while the Trainer's own step runs): the trainer's attributes are also as before."""
+    x, y = SWEEP_BATCH
+    template = SweepNet().train()
+    trainer = RWSAMTrainer(model=copy.deepcopy(template),
+                           args=sgd_config(tmp_path, per_device_train_batch_size=4, **settings))
+
+    def step(model, tracer):  # on a fresh trainer state: `train()` sets the accumulation steps
+        trainer.current_gradient_accumulation_steps, trainer._recorded_losses, trainer._descent_share = 1, None, 1
+        trainer.sharpness_step = SharpnessAwareStep(trainer.args, AccelerateHost(trainer.accelerator))
+        seed_everything()
+        traced(tracer, lambda: trainer.training_step(model, {"x": x, "labels": y}))
+
+    interrupt_sweep(monkeypatch, template, step, lambda: (
+        trainer.current_gradient_accumulation_steps, trainer._recorded_losses, trainer._descent_share))
+
+
+# ------------------------------------------------------------------------------------------ saves during the step
+
+
+class SavesWhilePerturbed(TrainerCallback):
+    """Keeps ``x`` as each step begins; a forward hook on the model then saves whenever a forward runs away from ``x``
+    (RW-SAM's probes at ``x + h u``, the descent at ``x + e``), directly or from a SIGUSR1 handler."""
+
+    def __init__(self, folder, by_signal):
+        self.folder, self.by_signal, self.x, self.saves, self.trainer = folder, by_signal, None, [], None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.x = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def save(self, *args):
+        folder = str(self.folder / f"save-{len(self.saves)}")
+        self.saves.append((folder, self.x))
+        self.trainer.save_model(folder)
+
+    def forward_hook(self, module, args, output):
+        if self.x is not None and not all(torch.equal(p, self.x[n]) for n, p in module.named_parameters()):
+            if self.by_signal:
+                signal.raise_signal(signal.SIGUSR1)  # the handler runs before the next line of this hook
+            else:
+                self.save()
+
+
+@pytest.mark.parametrize("by_signal", [False, True], ids=["from-the-descent", "from-a-signal-handler"])
+@pytest.mark.parametrize("mode", ["sam", "rwsam"])
+def test_a_save_made_during_the_step_writes_x_and_training_goes_on_unaffected(tmp_path, mode, by_signal):
+    from safetensors.torch import load_file
+
+    x, y = make_tensors(16)
+
+    def train(saver=None):
+        torch.manual_seed(0)
+        model = TinyMLP(dropout=0.2)
+        trainer = RWSAMTrainer(model=model, args=sgd_config(tmp_path / "out", sam_mode=mode, rwsam_num_probes=2,
+                                                            max_steps=3), train_dataset=tensor_dataset(x, y))
+        if saver is not None:
+            saver.trainer = trainer
+            trainer.add_callback(saver)
+            model.register_forward_hook(saver.forward_hook)
+        trainer.train()
+        return model
+
+    saver = SavesWhilePerturbed(tmp_path, by_signal)
+    if by_signal:
+        previous = signal.signal(signal.SIGUSR1, saver.save)
+    try:
+        saving = train(saver)
+    finally:
+        if by_signal:
+            signal.signal(signal.SIGUSR1, previous)
+    # every step saved once per forward away from x: the descent, and RW-SAM's two probes
+    assert len(saver.saves) == 3 * (1 if mode == "sam" else 3), len(saver.saves)
+    for folder, x_then in saver.saves:
+        saved = load_file(str(Path(folder) / "model.safetensors"))
+        for name, value in x_then.items():
+            assert torch.equal(saved[name], value), f"{folder}: {name} is not x"
+    assert torch.equal(flat_params(saving), flat_params(train())), "a save during the step changed the training"
+
+
+def test_a_save_during_the_exact_estimators_forward_writes_the_parameters_not_their_per_sample_copies():
+    """While the exact estimator records, a timm ViT's class token and position embedding are per-sample copies
+    ``[b, ...]`` in their module; `original_parameters()` puts the parameters themselves back for the save."""
+    torch.manual_seed(0)
+    model = TinyViT().train()
+    x, y = SWEEP_BATCH
+    x_before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    step = SharpnessAwareStep(SharpnessSettings(sam_mode="rwsam", rwsam_estimator="exact"))
+    seen = []
+
+    def save_during_forward(module, args, output):
+        if not isinstance(model.vit.cls_token, nn.Parameter):
+            with step.original_parameters():
+                seen.append({k: v.clone() for k, v in model.state_dict().items()})
+            seen.append(model.vit._parameters["cls_token"].shape)  # the copy again after the block
+
+    model.vit.head.register_forward_hook(save_during_forward)
+    step(model, {"x": x, "labels": y}, sweep_loss)
+    assert len(seen) == 2, "the hook saw no recorded forward (with per-sample copies)"
+    saved, shape_after = seen
+    assert shape_after[0] == len(y), "the copies are back in the module after the save"
+    for name, value in x_before.items():
+        assert torch.equal(saved[name], value), f"{name} saved is not x"

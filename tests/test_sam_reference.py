@@ -20,11 +20,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from pytorch_optimizer import SAM
 from transformers import Trainer, TrainingArguments
 
 from hf_rwsam import RWSAMTrainer
 
+from references import pytorch_optimizer_sam
 from utils import TinyMLP, flat_params, make_tensors, relative_error, sgd_config, tensor_dataset
 
 TOL = 1e-5
@@ -68,17 +68,7 @@ def _assert_plain_sgd(trainer):
 
 def _pytorch_optimizer_sam(model, x, y, rho, adaptive, steps=STEPS):
     """The reference: pytorch_optimizer's two-step SAM around torch.optim.SGD (momentum 0, no weight decay)."""
-    model.train()
-    optimizer = SAM(
-        model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, lr=LR, momentum=0.0, weight_decay=0.0
-    )
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x)["logits"], y).backward()
-        optimizer.first_step(zero_grad=True)
-        F.cross_entropy(model(x)["logits"], y).backward()
-        optimizer.second_step(zero_grad=True)
-    return model
+    return pytorch_optimizer_sam(model, x, y, rho, LR, steps, adaptive)
 
 
 def _plain_sgd(model, x, y, steps=STEPS):

@@ -3,7 +3,7 @@
 * ``sam_mode="none"`` is SFTTrainer bit for bit (parameters, losses, token counts);
 * ``sam_mode="sam"`` perturbs along the gradient of SFT's own loss and descends with SFT's own step (at rho = 0 it is
   SFTTrainer bit for bit), counting SFT's tokens and metrics once per batch, not once per pass;
-* RW-SAM is refused with a clear error: SFT returns no differentiable outputs to split per sample.
+* RW-SAM is refused with a clear error at construction: SFT returns no differentiable outputs to split per sample.
 """
 
 from __future__ import annotations
@@ -148,7 +148,13 @@ def test_sam_ascends_along_sfts_loss_and_descends_with_sfts_own_step(tmp_path):
     assert logged(ours, "num_tokens") == logged(plain, "num_tokens")
 
 
-def test_rwsam_with_sft_is_refused_clearly(tmp_path):
+@pytest.mark.parametrize("per_sample", [False, True], ids=["built-in", "per_sample_loss_func"])
+def test_rwsam_with_sft_is_refused_clearly_at_construction(tmp_path, per_sample):
+    """SFT's compute_loss(return_outputs=True) recomputes its outputs under no_grad: RW-SAM is refused when the
+    trainer is built (it was refused by the first step of `train()`), whoever computes the per-sample losses."""
     args = RWSAMSFTConfig(**settings(tmp_path), sam_mode="rwsam")
-    with pytest.raises(ValueError, match=r"RW-SAM needs the per-sample losses .* with their gradient"):
-        train(RWSAMSFTTrainer, args, tiny_gpt2())
+    kwargs = {"per_sample_loss_func": lambda outputs, labels: outputs.logits.sum((1, 2))} if per_sample else {}
+    with pytest.raises(ValueError, match=r"RWSAMSFTTrainer: RW-SAM needs the per-sample losses .* with their gradient"
+                                         r".*SFTTrainer.*no_grad.*sam_mode='sam' or 'msam'"):
+        RWSAMSFTTrainer(model=tiny_gpt2(), args=args, train_dataset=Dataset.from_dict({"text": TEXTS}),
+                        processing_class=tokenizer(), **kwargs)

@@ -106,3 +106,20 @@ def front_matter(card: str) -> dict:
 def accuracy(eval_pred):
     """`compute_metrics` for the tests: the fraction of correct argmax predictions."""
     return {"accuracy": float((eval_pred.predictions.argmax(-1) == eval_pred.label_ids).mean())}
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+
+
+def token_dataset(n=8, t=10, vocab=40, seed=0):
+    """Sequences of different lengths: the tails are padding, labelled -100."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, t), generator=g)
+    labels = ids.clone()
+    for i in range(n):
+        labels[i, 4 + i % 6 :] = -100
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()}).with_format("torch")

@@ -6,7 +6,7 @@ hands them over:
 * ``backward(loss)``: ``loss.backward()``, or ``accelerator.backward`` (loss scaling, DeepSpeed-free accumulation);
 * ``no_sync(model)``: the context that keeps DDP from all-reducing the ascent gradient;
 * ``reduce(tensors, op)`` / ``gather(tensor)``: the global scope's cross-process reduction;
-* ``grad_scaler``: fp16's loss scaler, if any;
+* ``grad_scaler``: fp16's loss scaler, if any (``scale(objective)``, ``loss_scale``);
 * ``mixed_precision(model)`` / ``full_precision(model)``: whether the training forward runs in reduced precision,
   and a context in which it runs in fp32 (RW-SAM's finite-difference probes need fp32);
 * ``parameters(model)``: the parameters as whole tensors or as FSDP2 shards (`hf_rwsam.sharpness.sharding`).
@@ -26,6 +26,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .sharding import LocalParameters, ShardedParameters, is_sharded, trainable_parameters
+from .state import restored
 
 
 def _device_type(model: nn.Module) -> str:
@@ -94,25 +95,23 @@ class TorchHost:
         return model
 
     def mixed_precision(self, model: nn.Module) -> bool:
-        """Whether the training forward runs under autocast: an enclosing ``torch.autocast``, or a forward that
-        Accelerate wrapped in one (it keeps the original as ``_original_forward``)."""
-        return torch.is_autocast_enabled(_device_type(model)) or "_original_forward" in vars(self.unwrap(model))
+        """Whether the training forward runs under autocast (an enclosing ``torch.autocast``)."""
+        return torch.is_autocast_enabled(_device_type(model))
 
     @contextlib.contextmanager
     def full_precision(self, model: nn.Module) -> Iterator[None]:
-        """The model's forward in fp32 inside the block: autocast off, and Accelerate's autocast wrapper (if the model
-        was prepared with mixed precision) set aside. The forward still goes through the module's ``__call__``, so
-        hooks (FSDP's gathering of the shards) run; FSDP's own parameter dtype is left as configured."""
-        inner = self.unwrap(model)
-        wrapped = vars(inner).get("forward") if "_original_forward" in vars(inner) else None
-        if wrapped is not None:
-            inner.forward = inner._original_forward
-        try:
-            with torch.autocast(_device_type(model), enabled=False):
-                yield
-        finally:
-            if wrapped is not None:
-                inner.forward = wrapped
+        """The model's forward in fp32 inside the block: autocast off. The forward still goes through the module's
+        ``__call__``, so hooks (FSDP's gathering of the shards) run; FSDP's own parameter dtype is left as configured."""
+        with torch.autocast(_device_type(model), enabled=False):
+            yield
+
+    def scale(self, objective: torch.Tensor) -> torch.Tensor:
+        """`objective` times fp16's loss scale (gradients taken on it are unscaled by `loss_scale`), or as is."""
+        return objective if self.grad_scaler is None else self.grad_scaler.scale(objective)
+
+    @property
+    def loss_scale(self) -> float:
+        return 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.reduce([tensor], "sum")[0]
@@ -170,6 +169,27 @@ class AccelerateHost(TorchHost):
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
+
+    def mixed_precision(self, model: nn.Module) -> bool:
+        """Also when Accelerate wrapped the model's forward in autocast (it keeps the original as
+        ``_original_forward``)."""
+        return super().mixed_precision(model) or "_original_forward" in vars(self.unwrap(model))
+
+    @contextlib.contextmanager
+    def full_precision(self, model: nn.Module) -> Iterator[None]:
+        """Also with Accelerate's autocast wrapper set aside, if the model was prepared with mixed precision."""
+        inner = self.unwrap(model)
+        wrapped = vars(inner).get("forward") if "_original_forward" in vars(inner) else None
+
+        def restore():
+            if wrapped is not None:
+                inner.forward = wrapped
+
+        with restored(restore):
+            if wrapped is not None:
+                inner.forward = inner._original_forward
+            with super().full_precision(model):
+                yield
 
     def parameters(self, model: nn.Module) -> LocalParameters | ShardedParameters:
         """Under Accelerate's FSDP the shards; parameters sharded outside it are refused (they are not in the

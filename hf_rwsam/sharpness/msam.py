@@ -6,7 +6,7 @@ is the average of the groups' descent gradients ``grad L_{G_j}(x + e_j)``, with 
 
 Two implementations with the same result up to float rounding:
 
-* ``loop`` runs the ordinary SAM step once per group (`split_batch` cuts the groups; the trainer runs the step).
+* ``loop`` runs the ordinary SAM step once per group (`split_batch` cuts the groups; `MicroBatchSAM` runs them).
 * ``vmap`` (`vmap_msam_step`) runs all groups at once with ``torch.func``: one batched ascent giving the ``k``
   per-group gradients, then one batched descent at the ``k`` perturbed points. Extra memory: about ``2 k d`` numbers
   (per-group gradients, then per-group perturbed parameters).
@@ -18,6 +18,7 @@ passes, group after group, as the loop does; under vmap they are captured per gr
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -26,7 +27,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
-from .state import RNGReplay, frozen_running_stats
+from .context import RunningMeans, StepContext, batch_size
+from .state import RNGReplay, frozen_running_stats, restored, running_stat_modules
+
+logger = logging.getLogger(__name__)
 
 
 def split_batch(inputs: Mapping[str, Any], num_groups: int) -> list[dict[str, Any]]:
@@ -34,10 +38,6 @@ def split_batch(inputs: Mapping[str, Any], num_groups: int) -> list[dict[str, An
     b = batch_size(inputs)
     chunks = {k: v.chunk(num_groups) if _is_batched(v, b) else None for k, v in inputs.items()}
     return [{k: (chunks[k][j] if chunks[k] is not None else v) for k, v in inputs.items()} for j in range(num_groups)]
-
-
-def batch_size(inputs: Mapping[str, Any]) -> int:
-    return next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
 def _is_batched(value: Any, b: int) -> bool:
@@ -67,12 +67,16 @@ class _Objective(nn.Module):
 
 
 class _BatchStatsRecorder:
-    """Records the batch mean and unbiased variance each BatchNorm layer sees, to update running stats afterwards."""
+    """Records the batch mean and unbiased variance each BatchNorm layer sees inside `recording`, to update running
+    stats afterwards."""
 
     def __init__(self, modules: list[_NormBase]):
+        self.modules = modules
         self.called: list[_NormBase] = []  # the layers in call order (a layer may run more than once)
         self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.handles = [m.register_forward_pre_hook(self._record) for m in modules]
+
+    def recording(self) -> contextlib.AbstractContextManager:
+        return _hooked(self.modules, self._record)
 
     def _record(self, module, args):
         x = args[0].float()  # fp32 statistics, also under autocast
@@ -84,10 +88,6 @@ class _BatchStatsRecorder:
         means, variances = [s[0] for s in self.stats], [s[1] for s in self.stats]
         self.stats = []
         return means, variances
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
     @torch.no_grad()
     def apply_in_group_order(self, means: list[torch.Tensor], variances: list[torch.Tensor]) -> None:
@@ -108,15 +108,22 @@ def _match_batchnorm_input_dtype(module, args):
 
 
 @contextlib.contextmanager
-def _vmappable_batchnorm(model: nn.Module) -> Iterator[None]:
-    handles = [
-        m.register_forward_pre_hook(_match_batchnorm_input_dtype) for m in model.modules() if isinstance(m, _NormBase)
-    ]
-    try:
+def _hooked(modules: list[nn.Module], hook) -> Iterator[None]:
+    """`hook` is a forward pre-hook of every module inside the block, and of none after it (`restored`)."""
+    handles = []
+
+    def remove():
+        for handle in handles:
+            handle.remove()
+
+    with restored(remove):
+        for module in modules:
+            handles.append(module.register_forward_pre_hook(hook))
         yield
-    finally:
-        for h in handles:
-            h.remove()
+
+
+def _vmappable_batchnorm(model: nn.Module) -> contextlib.AbstractContextManager:
+    return _hooked([m for m in model.modules() if isinstance(m, _NormBase)], _match_batchnorm_input_dtype)
 
 
 @contextlib.contextmanager
@@ -125,12 +132,15 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
     escaping the transform (and breaking the next `state_dict`). The buffers are put back, and the error lets the
     ``"auto"`` implementation choose the loop."""
     buffers = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()]
-    try:
-        yield
-    finally:
-        changed = [name for module, name, buffer in buffers if module._buffers.get(name) is not buffer]
+    changed = []
+
+    def put_back():
+        changed.extend(name for module, name, buffer in buffers if module._buffers.get(name) is not buffer)
         for module, name, buffer in buffers:
             module._buffers[name] = buffer
+
+    with restored(put_back):
+        yield
     if changed:
         raise RuntimeError(f"vmap: the forward assigns new values to the buffers {changed}, which torch.func cannot "
                            "batch per group")
@@ -182,13 +192,10 @@ def vmap_msam_step(
         return loss, (loss.detach(), means, variances)
 
     rng = RNGReplay(device)
-    try:
-        with frozen_running_stats(bn_modules), _vmappable_batchnorm(model), _buffers_kept(model):
-            grads, (clean, means, variances) = vmap(
-                grad(ascent, has_aux=True), in_dims=(None, in_dims), randomness="different"
-            )(params, grouped)
-    finally:
-        recorder.remove()
+    with recorder.recording(), frozen_running_stats(bn_modules), _vmappable_batchnorm(model), _buffers_kept(model):
+        grads, (clean, means, variances) = vmap(
+            grad(ascent, has_aux=True), in_dims=(None, in_dims), randomness="different"
+        )(params, grouped)
 
     with torch.no_grad():
         g = [grads.pop(n) for n in names]  # torch.func may return expanded views: only out-of-place ops below
@@ -232,3 +239,118 @@ def vmap_msam_step(
         skipped=(~usable).float(),
         update_running_stats=lambda: recorder.apply_in_group_order(means, variances),
     )
+
+
+class MicroBatchSAM:
+    """m-SAM's step on a micro-batch: ``k = b / m`` groups, each perturbing with its own gradient, one after another
+    (``"loop"``: the SAM step on each group) or all at once (``"vmap"``, `vmap_msam_step`). ``"auto"`` takes the vmap
+    where torch.func runs the model (tried on the first step) and its extra memory, about ``2 k d`` numbers, fits
+    ``msam_vmap_max_memory_mb``; the loop otherwise.
+
+    Args:
+        settings (`SharpnessSettings`): ``msam_micro_batch_size``, ``msam_implementation``, ``sam_rho``, ASAM's.
+        host (`TorchHost`): the loop's (the vmap runs on one process only).
+        metrics (`RunningMeans`): where the diagnostics go.
+    """
+
+    def __init__(self, settings, host, metrics: RunningMeans):
+        self.settings, self.metrics = settings, metrics
+        self.vmap_ok: bool | None = None  # decided on the first step under "auto"
+        self._warned_uncompiled = False
+        if settings.msam_implementation == "vmap" and host.num_processes > 1:
+            raise settings.refuse(
+                "msam_implementation", "vmap", "it bypasses the DDP forward, so it runs on one process only; choose "
+                "'loop' or 'auto'"
+            )
+
+    def __call__(self, ctx: StepContext, descent: Callable, group_step: Callable[[dict, int], torch.Tensor],
+                 vmap_unavailable: str | None = None) -> torch.Tensor:
+        """The step on ``ctx.inputs``; `group_step(group, k)` is the SAM step on one group, counting ``1 / k``.
+
+        Returns:
+            `Tensor`: the groups' mean clean loss.
+        """
+        s, b = self.settings, ctx.batch_size
+        if b % s.msam_micro_batch_size:
+            raise ValueError(
+                f"{type(s).__name__}.msam_micro_batch_size={s.msam_micro_batch_size} does not divide this batch of {b} "
+                "samples (set dataloader_drop_last=True when the dataset size is not a multiple of the batch size)."
+            )
+        k = b // s.msam_micro_batch_size
+        if self._use_vmap(ctx, k, vmap_unavailable):
+            clean = self._vmap_step(ctx, descent, k)
+            if clean is not None:
+                return clean
+        total = 0.0
+        for j, group in enumerate(split_batch(ctx.inputs, k)):
+            with contextlib.nullcontext() if j == k - 1 else ctx.host.no_sync(ctx.model):
+                total = total + group_step(group, k)
+        return total / k
+
+    def _vmap_step(self, ctx: StepContext, descent: Callable, k: int) -> torch.Tensor | None:
+        """All groups at once; None when torch.func cannot run the model and ``"auto"`` falls back to the loop."""
+        s, model = self.settings, ctx.model
+        unwrapped = ctx.host.unwrap(model)
+        if hasattr(model, "_orig_mod") and not self._warned_uncompiled:
+            logger.warning("m-SAM's vmap implementation runs the model uncompiled: torch.func transforms the eager module "
+                           "(msam_implementation='loop' runs the compiled one).")
+            self._warned_uncompiled = True
+        try:
+            with ctx.host.no_sync(model):
+                result = vmap_msam_step(unwrapped, ctx.inputs, ctx.loss_fn, k, s.sam_rho, s.sam_adaptive,
+                                        s.sam_adaptive_eta, ctx.bn_modules)
+        except Exception as err:  # noqa: BLE001 -- any failure of torch.func on this model means "use the loop"
+            if self.vmap_ok:
+                raise
+            _raise_the_loss_own_error(ctx, k)
+            if s.msam_implementation == "vmap":
+                raise ValueError(
+                    f"{type(s).__name__}.msam_implementation='vmap': torch.func cannot run "
+                    f"{type(unwrapped).__name__} ({type(err).__name__}: {err}); choose msam_implementation='loop' "
+                    "(groups one after another) or 'auto' (vmap where it runs, else the loop)."
+                ) from err
+            logger.warning(
+                f"m-SAM: torch.func cannot run {type(unwrapped).__name__} ({err!r}); using the loop implementation."
+            )
+            self.vmap_ok = False
+            return None
+        perturbed_loss = descent(ctx.inputs, 1, loss=result.descent_objective)
+        result.update_running_stats()
+        self.vmap_ok = True
+        for norm in result.ascent_grad_norms:
+            self.metrics.add("sam/ascent_grad_norm", norm)
+        self.metrics.add("sam/skipped_perturbations", result.skipped.mean())
+        clean = result.clean_losses.mean()
+        self.metrics.add("sam/sharpness", perturbed_loss.detach().float() - clean.float())
+        return clean
+
+    def _use_vmap(self, ctx: StepContext, k: int, unavailable: str | None) -> bool:
+        """Whether this step runs the vmap: refused by name where it was asked for and cannot serve (`unavailable`:
+        why the loop's descent cannot take its loss; fp16's loss scale; several processes)."""
+        impl, host = self.settings.msam_implementation, ctx.host
+        if unavailable is None and host.grad_scaler is not None:
+            unavailable = "its per-group gradients are taken without fp16's loss scale (they could underflow)"
+        if unavailable is None and host.num_processes > 1:
+            unavailable = "it bypasses the DDP forward, so it runs on one process only"
+        if unavailable is not None:
+            if impl == "vmap":
+                raise self.settings.refuse("msam_implementation", impl, f"{unavailable}; choose 'loop' or 'auto'")
+            return False
+        if impl != "auto":
+            return impl == "vmap"
+        if self.vmap_ok is False:
+            return False
+        extra_mb = 2 * k * sum(p.numel() * p.element_size() for p in ctx.params.params) / 2**20
+        return extra_mb <= self.settings.msam_vmap_max_memory_mb
+
+
+def _raise_the_loss_own_error(ctx: StepContext, k: int) -> None:
+    """After the vmap m-SAM failed on its first step: runs the loss once plainly on the first group (no gradient,
+    BatchNorm statistics frozen, the random numbers replayed), and if it raises there too, raises that error, the
+    loss's own (the user's code), rather than reporting that torch.func cannot run the model."""
+    rng = RNGReplay({p.device for p in ctx.model.parameters()})
+    try:
+        with torch.no_grad(), rng.replay(), frozen_running_stats(running_stat_modules(ctx.model)):
+            ctx.loss_fn(ctx.model, split_batch(ctx.inputs, k)[0])
+    except Exception as own:  # noqa: BLE001 -- whatever it is, it is the loss's, and it goes on as it came
+        raise own from None

@@ -23,6 +23,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .state import restored
+
 
 @dataclass
 class Perturbation:
@@ -95,7 +97,8 @@ def sam_perturbation(
 def swapped_parameters(
     params: Sequence[torch.Tensor], values: Sequence[torch.Tensor], originals: Sequence[torch.Tensor] | None = None
 ) -> Iterator[None]:
-    """`params` hold `values` inside the block and their own storage again after it, also when the block raises.
+    """`params` hold `values` inside the block and their own storage again after it, also when the block raises or is
+    interrupted (`restored`).
 
     The storage is swapped (``p.data = v``), not copied: restoring is bit-exact by construction and costs no pass
     over the parameters, and nothing needs saving. Each value must match its parameter's shape, dtype and device.
@@ -103,38 +106,46 @@ def swapped_parameters(
     `LocalParameters` keeps them from step to step).
     """
     originals = [p.data for p in params] if originals is None else originals
-    try:
+
+    def restore():
+        for p, original in zip(params, originals):
+            p.data = original
+
+    with restored(restore):
         for p, v in zip(params, values):
             p.data = v
         yield
-    finally:
-        for p, original in zip(params, originals):
-            p.data = original
 
 
 @contextlib.contextmanager
 def written_parameters(
-    params: Sequence[torch.Tensor], values: Sequence[torch.Tensor], after_write: Callable[[], None] | None = None
+    params: Sequence[torch.Tensor], values: Sequence[torch.Tensor], after_write: Callable[[], None] | None = None,
+    originals: Sequence[torch.Tensor] | None = None,
 ) -> Iterator[None]:
     """`params` hold `values` inside the block, copied into their own storage, and their original values after it.
 
     For parameters whose storage something else reads: FSDP's local shards are views of the flat buffer it
     all-gathers from, so pointing them at new storage (`swapped_parameters`) would not change what the forward sees.
-    The originals are saved first (one copy of the local shard) and copied back, bit-exact, also when the block raises.
-    `after_write` runs after each write (FSDP: drop the unsharded copies, so the next forward gathers the new values).
+    The originals are saved first (one copy of the local shard, or `originals`, copies the caller made) and copied
+    back, bit-exact, also when the block raises or is interrupted (`restored`). `after_write` runs after each write
+    (FSDP: drop the unsharded copies, so the next forward gathers the new values).
     """
-    with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
-        torch._foreach_copy_(list(params), list(values))
-    try:
+    if originals is None:
+        with torch.no_grad():
+            originals = [p.detach().clone() for p in params]
+
+    def restore():
+        with torch.no_grad():
+            torch._foreach_copy_(list(params), list(originals))
+        if after_write is not None:
+            after_write()
+
+    with restored(restore):
+        with torch.no_grad():
+            torch._foreach_copy_(list(params), list(values))
         if after_write is not None:
             after_write()
         yield
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(list(params), saved)
-        if after_write is not None:
-            after_write()
 
 
 @contextlib.contextmanager
@@ -142,7 +153,7 @@ def perturbed(
     params: Sequence[torch.Tensor], e: list[torch.Tensor], assign=swapped_parameters,
     storage: list[torch.Tensor] | None = None,
 ) -> Iterator[None]:
-    """Parameters at ``x + e`` inside the block, exactly ``x`` afterwards, also when the block raises.
+    """Parameters at ``x + e`` inside the block, exactly ``x`` afterwards, also when the block raises or is interrupted.
 
     `e` is consumed: ``x + e`` is written into its storage (one pass over the parameters), or into `storage` (tensors
     laid out like `params`, e.g. buffers already kept for RW-SAM's probes; `e` is then emptied, so its memory is freed

@@ -1,15 +1,15 @@
-"""`SharpnessAwareStep`: one SAM / ASAM / m-SAM / RW-SAM step, in any training loop (ALGORITHMS.md).
+"""`SharpnessAwareStep`: one SAM / ASAM / m-SAM / RW-SAM step, in any training loop (docs/ALGORITHMS.md).
 
 The loop hands the step a micro-batch, its loss function and (optionally) its own descent; the step goes down and
 never back up:
 
-1. ascent at ``x``, without gradient sync: ``g = grad L(x)`` on the loop's own loss (SAM, ASAM, each m-SAM group),
-   or RW-SAM's ``g = grad sum_i p_i l_i(x)`` with Gibbs weights ``p`` over per-sample gradient norms (`reweight`:
-   ``Q`` finite-difference probes, or exact norms) and per-sample losses whose mean is ``L``;
+1. ascent at ``x``, without gradient sync (`ascent`): ``g = grad L(x)`` on the loop's own loss (SAM, ASAM, each m-SAM
+   group, `msam`), or RW-SAM's ``g = grad sum_i p_i l_i(x)`` with Gibbs weights over per-sample gradient norms
+   (`estimators`) and per-sample losses whose mean is ``L`` (`sample_losses`);
 2. ``e = rho T^2 g / ||T g||`` (`perturb`);  3. the parameters move to ``x + e`` (`perturb.perturbed`);
 4. descent at ``x + e``: the loop's backward (its accumulation scaling, AMP scaler, DDP sync), with the ascent's
    random numbers replayed and BatchNorm running statistics frozen (`state`);
-5. ``x`` restored bit-exactly, also on error;  6. the clean loss ``L(x)`` returned, diagnostics kept for the log.
+5. ``x`` restored bit-exactly, also on error or interrupt;  6. the clean loss ``L(x)`` returned, diagnostics kept.
 
 The descent gradient is left in ``.grad`` for the loop's clipping, optimizer and scheduler. What belongs to the loop
 (backward, ``no_sync``, collectives, the grad scaler, fp32 forwards, FSDP's shards) comes from a host object
@@ -32,56 +32,26 @@ Example, a plain PyTorch loop::
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections import defaultdict
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..columns import NOISE_COLUMN
-from ..losses import PER_SAMPLE_LOSS_EXAMPLE, PerSampleLossFunc, per_sample_loss
+from ..losses import PerSampleLossFunc
+from .ascent import LossAscent, ReweightedAscent, SampleScores, ascent_for
+from .context import LossFunc, RunningMeans, StepContext
 from .host import TorchHost
-from .msam import batch_size, split_batch, vmap_msam_step
+from .msam import MicroBatchSAM
 from .perturb import perturbed, sam_perturbation
-from .ghost import PerSampleGradients
-from .reweight import (
-    RademacherDirections,
-    effective_sample_size,
-    fd_norms,
-    fd_probe_losses,
-    gibbs_weights,
-    rademacher_seed,
-)
+from .sample_losses import PerSampleLosses
 from .settings import SharpnessSettings
-from .sharding import sharded_step_problems
-from .state import RNGReplay, frozen_running_stats, running_stat_modules
+from .sharding import require_trainable_parameters, sharded_step_problems
+from .state import RNGReplay, frozen_running_stats, restored, running_stat_modules
 
-logger = logging.getLogger(__name__)
-
-LossFunc = Callable[..., Any]
-"""``loss_fn(model, inputs, return_outputs=False)``: the loss, or ``(loss, outputs)`` (the Trainer's `compute_loss`)."""
 DescentFunc = Callable[..., torch.Tensor]
 """``descent(inputs, share, loss=None)``: backpropagate ``loss_fn`` at the perturbed weights as ``1 / share`` of the
 step (or backpropagate `loss`, computed already) and return that loss, detached."""
-
-
-class _RunningMeans:
-    """Diagnostics accumulated on device between two logs (no host synchronisation per step)."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = defaultdict(int)
-
-    def add(self, name: str, value: torch.Tensor | float) -> None:
-        value = torch.as_tensor(value, dtype=torch.float32).detach()
-        self.sums[name] = self.sums[name] + value.to(self.sums[name].device) if name in self.sums else value.clone()
-        self.counts[name] += 1
-
-    def pop(self) -> dict[str, torch.Tensor]:
-        means = {name: total / self.counts[name] for name, total in self.sums.items()}
-        self.sums, self.counts = {}, defaultdict(int)
-        return means
 
 
 class SharpnessAwareStep:
@@ -92,15 +62,18 @@ class SharpnessAwareStep:
         host (`TorchHost`, *optional*): what the loop lends (backward, ``no_sync``, collectives, grad scaler);
             defaults to a plain single-process `TorchHost`.
         per_sample_loss_func (`Callable`, *optional*): ``(outputs, labels) -> Tensor[b]``, the per-sample losses
-            RW-SAM weights, whose mean must be the loss; trusted as given.
+            RW-SAM weights, whose mean must be the loss; checked on the first RW-SAM step against the loss function,
+            as the built-in rule is.
         default_per_sample_loss (`Callable`, *optional*): the built-in rule used when `per_sample_loss_func` is
-            None (default: `hf_rwsam.losses.per_sample_loss` with the problem type inferred); checked on the first
-            RW-SAM step against the loss function.
+            None (default: `hf_rwsam.losses.per_sample_loss` with the problem type inferred).
         label_names (`tuple`): the batch keys holding the labels.
         seed (`int`): seeds RW-SAM's probes with the step index and the process rank.
 
     Call it as ``step(model, inputs, loss_fn, descent=None, *, global_step=None, reference_loss_fn=None)``: see
-    `__call__`. `pop_metrics` returns the diagnostics averaged since the last call.
+    `__call__`. `pop_metrics` returns the diagnostics averaged since the last call. A save made during a step (from a
+    signal handler, or a callback in the descent) goes inside ``with step.original_parameters():`` to write ``x``.
+    After each RW-SAM micro-batch, `sample_scores` holds its samples' losses, norm estimates, weights and margins
+    (`SampleScores`), for a loop that reports on individual samples (mislabeled ones, say).
     """
 
     def __init__(
@@ -114,26 +87,23 @@ class SharpnessAwareStep:
     ):
         self.settings = settings
         self.host = host if host is not None else TorchHost()
-        self.per_sample_loss_func = per_sample_loss_func
-        self.default_per_sample_loss = default_per_sample_loss or per_sample_loss
-        self.label_names = tuple(label_names)
         self.seed = seed
-        self._metrics = _RunningMeans()
-        self._per_sample_losses_checked = per_sample_loss_func is not None
-        self._msam_vmap_ok: bool | None = None  # decided on the first m-SAM step under "auto"
-        self._warned_vmap_uncompiled = False
-        self._warned_exact_uncompiled = False
-        self._warned_batched_norms = False
-        self._sharding_checked = False
-        self._warned_low_precision_probes = False
+        self.metrics = RunningMeans()
+        self.per_sample_losses = PerSampleLosses(per_sample_loss_func, default_per_sample_loss, label_names)
+        self.ascent: LossAscent | ReweightedAscent = ascent_for(settings, self.per_sample_losses, self.metrics)
+        self.msam = MicroBatchSAM(settings, self.host, self.metrics) if settings.sam_mode == "msam" else None
         self._step_index = (-1, 0)  # (global step, micro-step within it), seeds the probes
         self._calls = 0
-        self._directions = RademacherDirections()  # the probes' buffers, kept from step to step
-        if settings.sam_mode == "msam" and settings.msam_implementation == "vmap" and self.host.num_processes > 1:
-            raise settings.refuse(
-                "msam_implementation", "vmap", "it bypasses the DDP forward, so it runs on one process only; choose "
-                "'loop' or 'auto'"
-            )
+        self._parameters_in_step = None  # the parameters while a step may hold them away from x
+
+    @property
+    def per_sample_loss_func(self) -> PerSampleLossFunc | None:
+        return self.per_sample_losses.per_sample_loss_func
+
+    @property
+    def sample_scores(self) -> SampleScores | None:
+        """The last RW-SAM micro-batch's per-sample losses, norms, weights and margins (None before, or in SAM)."""
+        return getattr(self.ascent, "scores", None)
 
     # ------------------------------------------------------------------ the step
 
@@ -162,8 +132,8 @@ class SharpnessAwareStep:
                 ``host.backward(loss_fn(model, inputs) / share)``.
             global_step (`int`, *optional*): the optimizer step, so that RW-SAM's probes are drawn again identically
                 after a resume; by default the step counts its own calls.
-            reference_loss_fn (`Callable`, *optional*): the loss to check the built-in per-sample losses against,
-                when `loss_fn`'s is normalised differently (the Trainer's token counts over the accumulation window).
+            reference_loss_fn (`Callable`, *optional*): the loss to check the per-sample losses against, when
+                `loss_fn`'s is normalised differently (the Trainer's token counts over the accumulation window).
             msam_vmap_unavailable (`str`, *optional*): why the vmap m-SAM cannot serve this batch (the loop's descent
                 cannot take its loss): ``"auto"`` then runs the loop, ``"vmap"`` raises with this reason.
 
@@ -174,242 +144,67 @@ class SharpnessAwareStep:
         noisy = inputs.pop(NOISE_COLUMN, None)
         self._advance(global_step)
         descent = descent or self._default_descent(model, loss_fn)
-        mode = self.settings.sam_mode
-        if mode == "none":
+        if self.settings.sam_mode == "none":
             return descent(inputs, 1)
-        if mode == "msam":
-            return self._msam_step(model, inputs, loss_fn, descent, msam_vmap_unavailable)
-        return self._sam_step(model, inputs, loss_fn, descent, noisy=noisy, reference_loss_fn=reference_loss_fn)
+        require_trainable_parameters(model)
+        grad_enabled = torch.is_grad_enabled()
+
+        def restore():
+            self._parameters_in_step = None
+            # Python cannot keep an interrupt from landing between a `with torch.no_grad():` block and the call that
+            # ends it (PEP 419), which would leave gradients off for good: the mode is put back as the step found it.
+            torch.set_grad_enabled(grad_enabled)
+
+        with restored(restore):
+            ctx = self._context(model, inputs, loss_fn, noisy, reference_loss_fn)
+            if self.msam is not None:
+                return self.msam(ctx, descent, lambda group, k: self._sam_step(
+                    self._context(model, group, loss_fn), descent, share=k), msam_vmap_unavailable)
+            return self._sam_step(ctx, descent)
+
+    @contextlib.contextmanager
+    def original_parameters(self) -> Iterator[None]:
+        """The parameters hold ``x`` inside the block, also while the step holds them elsewhere (``x + e`` during the
+        descent, ``x + h u`` during RW-SAM's probes, per-sample copies during the exact estimator's forward), and
+        what they held before after it: a save made during the step writes ``x``. Outside a step it changes
+        nothing."""
+        params = self._parameters_in_step
+        with contextlib.nullcontext() if params is None else params.original_values(), \
+                self.ascent.parameters_registered():
+            yield
 
     def pop_metrics(self) -> dict[str, torch.Tensor]:
         """The diagnostics averaged over the steps since the last call (device tensors, this process only)."""
-        return self._metrics.pop()
+        return self.metrics.pop()
 
-    def _sam_step(self, model, inputs, loss_fn, descent, share=1, noisy=None, reference_loss_fn=None):
-        """One SAM / ASAM / RW-SAM step on `inputs`, whose descent counts for ``1 / share`` of the step."""
-        s = self.settings
-        params = self.host.parameters(model)
-        if params.sharded and not self._sharding_checked:
-            problems = sharded_step_problems(s)
+    def _context(self, model, inputs, loss_fn, noisy=None, reference_loss_fn=None) -> StepContext:
+        """What one call works on; the parameters are the ones `original_parameters` puts back at ``x``."""
+        params = self._parameters_in_step = self.host.parameters(model)
+        if params.sharded:
+            problems = sharded_step_problems(self.settings)
             if problems:
-                raise ValueError(f"{type(s).__name__} on FSDP2 shards: {'; '.join(problems)}.")
-            self._sharding_checked = True
-        bn_modules = running_stat_modules(model)
-        rng = RNGReplay({t.device for t in params.tensors})
-        reweight = s.sam_mode == "rwsam"
+                raise ValueError(f"{type(self.settings).__name__} on FSDP2 shards: {'; '.join(problems)}.")
+        return StepContext(model, inputs, loss_fn, self.host, params, RNGReplay({t.device for t in params.tensors}),
+                           running_stat_modules(model), noisy, reference_loss_fn, self._step_index, self.seed)
+
+    def _sam_step(self, ctx: StepContext, descent: DescentFunc, share: int = 1) -> torch.Tensor:
+        """One SAM / ASAM / RW-SAM step on ``ctx.inputs``, whose descent counts for ``1 / share`` of the step."""
+        s, params = self.settings, ctx.params
         # FSDP's ascent gradient is its own reduce-scatter (the global scope), so only DDP skips the gradient sync
-        with contextlib.nullcontext() if params.sharded else self.host.no_sync(model):
-            if reweight:
-                loss, grads = self._rwsam_ascent(model, inputs, loss_fn, params, rng, bn_modules, noisy,
-                                                 reference_loss_fn)
-            else:
-                loss = loss_fn(model, inputs)
-                grads = params.gradient(self._scaled(loss))
-            grads = self._ascent_gradient(grads, params, summed_over_processes=reweight)
+        with contextlib.nullcontext() if params.sharded else self.host.no_sync(ctx.model):
+            loss, grads = self.ascent.gradient(ctx)
+            grads = self._ascent_gradient(grads, params, self.ascent.sums_over_processes)
         perturbation = sam_perturbation(params.tensors, grads, s.sam_rho, s.sam_adaptive, s.sam_adaptive_eta,
                                         norm_fn=params.norm)
-        self._metrics.add("sam/ascent_grad_norm", perturbation.ascent_grad_norm)
-        self._metrics.add("sam/skipped_perturbations", float(perturbation.skipped))
+        self.metrics.add("sam/ascent_grad_norm", perturbation.ascent_grad_norm)
+        self.metrics.add("sam/skipped_perturbations", float(perturbation.skipped))
         del grads  # they are perturbation.e, which `perturbed` turns into x + e
-        # RW-SAM's probe buffers hold x + e, in place of the perturbation's own memory: its peak stays SAM's
-        storage = self._directions.storage(params.tensors) if reweight and s.rwsam_estimator == "fd" else None
-        with perturbed(params.tensors, perturbation.e, params.assign, storage), rng.replay(), \
-                frozen_running_stats(bn_modules):
-            perturbed_loss = descent(inputs, share)
+        with perturbed(params.tensors, perturbation.e, params.assign, self.ascent.storage(params.tensors)), \
+                ctx.rng.replay(), frozen_running_stats(ctx.bn_modules):
+            perturbed_loss = descent(ctx.inputs, share)
         clean = loss.detach()
-        self._metrics.add("sam/sharpness", perturbed_loss.detach().float() - clean.float())
+        self.metrics.add("sam/sharpness", perturbed_loss.detach().float() - clean.float())
         return clean
-
-    def _rwsam_ascent(self, model, inputs, loss_fn, params, rng, bn_modules, noisy, reference_loss_fn):
-        """RW-SAM's ascent pass: the loss at ``x`` and ``grad sum_i p_i l_i`` (this process's share of it, times the
-        loss scale), with Gibbs weights ``p`` over per-sample gradient norms (fd probes, or exact norms)."""
-        s = self.settings
-        exact = s.rwsam_estimator == "exact"
-        if not exact:
-            if not self._warned_low_precision_probes and any(t.dtype in (torch.bfloat16, torch.float16)
-                                                              for t in params.tensors):
-                logger.warning(
-                    "RW-SAM fd: the parameters themselves are bf16/fp16, so the probes cannot run in fp32, and their "
-                    "rounding hides or swamps the finite-difference step (benchmarks/fd_step.py). Keep fp32 weights "
-                    "(mixed precision through autocast) or use rwsam_estimator='exact'."
-                )
-                self._warned_low_precision_probes = True
-            probe_losses = self._probe_function(model, inputs, loss_fn, rng, bn_modules)
-            probes = fd_probe_losses(probe_losses, params.tensors, s.rwsam_num_probes, s.rwsam_fd_step,
-                                     self._probe_generator(params.tensors[0].device), num_coordinates=params.numel,
-                                     assign=params.assign, directions=self._directions)
-            # Under mixed precision the slopes need an fp32 reference at x too; in fp32 the ascent's losses are it.
-            fd_reference = probe_losses() if self.host.mixed_precision(model) else None
-        forward_model = self._eager_for_exact_norms(model)
-        per_sample = self._per_sample_gradients(forward_model, params, batch_size(inputs)) if exact else None
-        with per_sample.recording() if exact else contextlib.nullcontext():
-            value, outputs = loss_fn(forward_model, inputs, return_outputs=True)
-        losses = self._per_sample_losses(outputs, inputs)
-        del outputs
-        if not losses.requires_grad:
-            raise ValueError(
-                "RW-SAM needs the per-sample losses of the ascent pass with their gradient, and these carry none: the "
-                "loss function returned outputs computed without autograd (TRL's SFTTrainer, for one, recomputes them "
-                "under no_grad when asked for outputs). Use sam_mode='sam' or 'msam' with this trainer."
-            )
-        if not self._per_sample_losses_checked:
-            self._check_per_sample_losses(model, inputs, losses, value, reference_loss_fn, rng, bn_modules)
-        if exact:
-            norms = per_sample.norms(losses, self._loss_scale())
-        else:
-            norms = fd_norms(probes, losses if fd_reference is None else fd_reference, params.numel, s.rwsam_fd_step)
-        norms = self._gather_for_scope(norms)
-        weights, lam = gibbs_weights(norms, s.rwsam_lambda, s.rwsam_normalize, s.rwsam_target_ess, s.rwsam_max_weight,
-                                     return_lambda=True)
-        self._log_weights(weights, lam, noisy)
-        weights = self._local_slice(weights)
-        if exact:
-            return value, per_sample.weighted_gradient(weights)
-        return value, params.gradient(self._scaled((weights * losses).sum()))
-
-    def _per_sample_gradients(self, model, params, b) -> PerSampleGradients:
-        """The exact estimator's pass over `model`'s layers; says once which parameters it takes by batched backward."""
-        per_sample = PerSampleGradients(self.host.unwrap(model), params.params, b, self.settings.rwsam_exact_chunk_size)
-        if per_sample.batched and not self._warned_batched_norms:
-            if per_sample.coupled:
-                logger.warning(
-                    f"RW-SAM exact: BatchNorm layers normalise with the batch's statistics ({per_sample.coupled[:3]}"
-                    f"{' ...' if len(per_sample.coupled) > 3 else ''}), which couple the samples' gradients: every "
-                    "per-sample gradient is taken by batched backward passes (rwsam_exact_chunk_size samples each), "
-                    "many times a SAM step. rwsam_estimator='fd' is the fast estimator for such models."
-                )
-            else:
-                owners = sorted({type(m).__name__ for m in self.host.unwrap(model).modules()
-                                 for q in m.parameters(recurse=False) if any(q is p for p in per_sample.batched)})
-                logger.warning(
-                    f"RW-SAM exact: the parameters of {owners} (a layer without per-sample rules, shared parameters, "
-                    "or a layer called twice) take their per-sample gradients by batched backward passes, slower than "
-                    "the one backward the other layers need."
-                )
-            self._warned_batched_norms = True
-        return per_sample
-
-    def _eager_for_exact_norms(self, model):
-        """The model for RW-SAM's ascent pass: with the exact estimator, a compiled model's eager module (its layers'
-        hooks keep their inputs and output gradients, which compiled graphs do not expose)."""
-        if self.settings.rwsam_estimator != "exact" or not hasattr(model, "_orig_mod"):
-            return model
-        if not self._warned_exact_uncompiled:
-            logger.warning("RW-SAM's exact estimator runs its ascent pass uncompiled (it reads every layer's inputs and "
-                           "output gradients); the descent runs compiled, and with dropout it draws other masks than "
-                           "the ascent (compiled code draws its random numbers its own way). The 'fd' estimator runs "
-                           "compiled throughout.")
-            self._warned_exact_uncompiled = True
-        return model._orig_mod
-
-    def _msam_step(self, model, inputs, loss_fn, descent, vmap_unavailable=None):
-        s = self.settings
-        b = batch_size(inputs)
-        if b % s.msam_micro_batch_size:
-            raise ValueError(
-                f"{type(s).__name__}.msam_micro_batch_size={s.msam_micro_batch_size} does not divide this batch of {b} "
-                "samples (set dataloader_drop_last=True when the dataset size is not a multiple of the batch size)."
-            )
-        k = b // s.msam_micro_batch_size
-        if self._use_msam_vmap(model, k, vmap_unavailable):
-            clean = self._msam_vmap_step(model, inputs, loss_fn, descent, k)
-            if clean is not None:
-                return clean
-        total = 0.0
-        for j, group in enumerate(split_batch(inputs, k)):
-            with contextlib.nullcontext() if j == k - 1 else self.host.no_sync(model):
-                total = total + self._sam_step(model, group, loss_fn, descent, share=k)
-        return total / k
-
-    def _msam_vmap_step(self, model, inputs, loss_fn, descent, k) -> torch.Tensor | None:
-        """All groups at once (`vmap_msam_step`); None when torch.func cannot run the model and "auto" falls back."""
-        s = self.settings
-        explicit = s.msam_implementation == "vmap"
-        unwrapped = self.host.unwrap(model)
-        if hasattr(model, "_orig_mod") and not self._warned_vmap_uncompiled:
-            logger.warning("m-SAM's vmap implementation runs the model uncompiled: torch.func transforms the eager module "
-                           "(msam_implementation='loop' runs the compiled one).")
-            self._warned_vmap_uncompiled = True
-        try:
-            with self.host.no_sync(model):
-                result = vmap_msam_step(unwrapped, inputs, loss_fn, k, s.sam_rho, s.sam_adaptive, s.sam_adaptive_eta,
-                                        running_stat_modules(model))
-        except Exception as err:  # noqa: BLE001 -- any failure of torch.func on this model means "use the loop"
-            if self._msam_vmap_ok:
-                raise
-            if explicit:
-                raise ValueError(
-                    f"{type(s).__name__}.msam_implementation='vmap': torch.func cannot run "
-                    f"{type(unwrapped).__name__} ({type(err).__name__}: {err}); choose msam_implementation='loop' "
-                    "(groups one after another) or 'auto' (vmap where it runs, else the loop)."
-                ) from err
-            logger.warning(
-                f"m-SAM: torch.func cannot run {type(unwrapped).__name__} ({err!r}); using the loop implementation."
-            )
-            self._msam_vmap_ok = False
-            return None
-        perturbed_loss = descent(inputs, 1, loss=result.descent_objective)
-        result.update_running_stats()
-        self._msam_vmap_ok = True
-        for norm in result.ascent_grad_norms:
-            self._metrics.add("sam/ascent_grad_norm", norm)
-        self._metrics.add("sam/skipped_perturbations", result.skipped.mean())
-        clean = result.clean_losses.mean()
-        self._metrics.add("sam/sharpness", perturbed_loss.detach().float() - clean.float())
-        return clean
-
-    def _use_msam_vmap(self, model, k, unavailable=None) -> bool:
-        impl = self.settings.msam_implementation
-        if unavailable is None and self.host.grad_scaler is not None:
-            unavailable = "its per-group gradients are taken without fp16's loss scale (they could underflow)"
-        if unavailable is None and self.host.num_processes > 1:
-            unavailable = "it bypasses the DDP forward, so it runs on one process only"
-        if unavailable is not None:
-            if impl == "vmap":
-                raise self.settings.refuse("msam_implementation", impl, f"{unavailable}; choose 'loop' or 'auto'")
-            return False
-        if impl != "auto":
-            return impl == "vmap"
-        if self._msam_vmap_ok is False:
-            return False
-        params = [p for p in model.parameters() if p.requires_grad]
-        extra_mb = 2 * k * sum(p.numel() * p.element_size() for p in params) / 2**20
-        return extra_mb <= self.settings.msam_vmap_max_memory_mb
-
-    # ------------------------------------------------------------------ pieces of the step
-
-    def _default_descent(self, model, loss_fn) -> DescentFunc:
-        def descent(inputs, share, loss=None):
-            if loss is None:
-                loss = loss_fn(model, inputs)
-            self.host.backward(loss / share if share != 1 else loss)
-            return loss.detach()
-
-        return descent
-
-    def _probe_function(self, model, inputs, loss_fn, rng, bn_modules) -> Callable[[], torch.Tensor]:
-        """Per-sample losses at the current parameters for the finite-difference probes: the same call of the model
-        as the ascent's (through `loss_fn`), without gradient, with the ascent's random numbers, BatchNorm statistics
-        frozen, and in fp32: under bf16 autocast the weights are rounded to 8 bits of mantissa in every matmul, which
-        either hides a step ``h`` or swamps it (benchmarks/fd_step.py: mean relative error >= 0.66 at every h on
-        resnet18, against 0.08 in fp32)."""
-
-        @torch.no_grad()
-        def per_sample_losses():
-            with rng.replay(), frozen_running_stats(bn_modules), self.host.full_precision(model):
-                _, outputs = loss_fn(model, inputs, return_outputs=True)
-                return self._per_sample_losses(outputs, inputs)
-
-        return per_sample_losses
-
-    def _scaled(self, objective: torch.Tensor) -> torch.Tensor:
-        """Under fp16 the ascent gradient is taken on the scaled objective (`_ascent_gradient` unscales it)."""
-        scaler = self.host.grad_scaler
-        return objective if scaler is None else scaler.scale(objective)
-
-    def _loss_scale(self) -> float:
-        scaler = self.host.grad_scaler
-        return 1.0 if scaler is None else float(scaler.get_scale())
 
     def _ascent_gradient(self, grads, params, summed_over_processes=False):
         """The ascent gradient of this step from this process's (scaled) gradient: unscaled, and with the ``global``
@@ -422,81 +217,17 @@ class SharpnessAwareStep:
         elif self.settings.sam_perturbation_scope == "global" and num_processes > 1:
             grads = self.host.reduce(grads, "sum" if summed_over_processes else "mean")
         if self.host.grad_scaler is not None:
-            torch._foreach_mul_(grads, 1.0 / self._loss_scale())
+            torch._foreach_mul_(grads, 1.0 / self.host.loss_scale)
         return grads
 
-    def _per_sample_losses(self, outputs, inputs) -> torch.Tensor:
-        labels = self._labels(inputs)
-        rule = self.per_sample_loss_func or self.default_per_sample_loss
-        losses = rule(outputs, labels)
-        if not (isinstance(losses, torch.Tensor) and losses.dim() == 1 and losses.shape[0] == batch_size(inputs)):
-            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(
-                f"per_sample_loss_func must return one loss per sample, a Tensor of shape [{batch_size(inputs)}]; got "
-                f"{shape}."
-            )
-        return losses.float()
+    def _default_descent(self, model, loss_fn) -> DescentFunc:
+        def descent(inputs, share, loss=None):
+            if loss is None:
+                loss = loss_fn(model, inputs)
+            self.host.backward(loss / share if share != 1 else loss)
+            return loss.detach()
 
-    def _check_per_sample_losses(self, model, inputs, losses, value, reference_loss_fn, rng, bn_modules):
-        """The built-in per-sample rule must average to the loss being optimised (checked once, on the first step):
-        otherwise RW-SAM would perturb along another objective than the one the loop descends."""
-        if reference_loss_fn is not None:  # the loss in per-micro-batch units, at x, with the ascent's random numbers
-            with torch.no_grad(), rng.replay(), frozen_running_stats(bn_modules):
-                value = reference_loss_fn(model, inputs)
-        mean, value = losses.detach().mean(), value.detach().float()
-        rtol = 1e-3 if self.host.mixed_precision(model) else 1e-4  # reduction order only: ~1e-7 relative in fp32
-        finite = torch.isfinite(mean) & torch.isfinite(value)
-        disagrees = finite & ~torch.isclose(mean, value, rtol=rtol, atol=1e-6)
-        # [processes with nothing to compare (a diverged step, say), processes where the rule fails]: every process
-        # reaches the same verdict (one refusing alone would leave the others waiting in a collective)
-        verdict = torch.stack([~finite, disagrees]).float()
-        unchecked, failed = (float(v) for v in self.host.reduce([verdict], "sum")[0])
-        if unchecked:
-            return  # checked again on the next step
-        if not failed:
-            self._per_sample_losses_checked = True
-            return
-        problem = (f"their mean is {mean.item():.6g} where the loss being optimised is {value.item():.6g}"
-                   + ("" if bool(disagrees) else
-                      " on this process, and another process's differ"))
-        raise ValueError(
-            "RW-SAM weights one loss per sample, and the built-in per-sample rule (cross-entropy, BCE or MSE on the "
-            f"model's logits, from hf_rwsam.losses.per_sample_loss) does not reproduce this loss: {problem}. The loss "
-            "has terms the rule does not know (a custom or class-weighted loss, compute_loss_func, an auxiliary loss "
-            "such as a mixture-of-experts router loss). Pass `per_sample_loss_func(outputs, labels) -> Tensor[b]` "
-            f"whose mean is your loss; for example, for a class-weighted cross-entropy:\n\n{PER_SAMPLE_LOSS_EXAMPLE}"
-        )
-
-    def _labels(self, inputs) -> torch.Tensor:
-        name = next((n for n in self.label_names if n in inputs), None)
-        if name is None:
-            raise ValueError(
-                f"RW-SAM needs labels in the batch (looked for {list(self.label_names)}) for its per-sample losses."
-            )
-        return inputs[name]
-
-    def _log_weights(self, weights, lam, noisy):
-        b = weights.shape[0]
-        self._metrics.add("rwsam/ess", effective_sample_size(weights) / b)
-        self._metrics.add("rwsam/max_weight", weights.max() * b)
-        self._metrics.add("rwsam/lambda", lam)
-        if noisy is not None:
-            noisy = self._gather_for_scope(torch.as_tensor(noisy, device=weights.device).float())
-            self._metrics.add("rwsam/noisy_weight_mass", (weights * noisy).sum())
-
-    def _global(self) -> bool:
-        return self.settings.sam_perturbation_scope == "global" and self.host.num_processes > 1
-
-    def _gather_for_scope(self, values: torch.Tensor) -> torch.Tensor:
-        """All processes' values (global scope) or this process's (device scope)."""
-        return self.host.gather(values) if self._global() else values
-
-    def _local_slice(self, values: torch.Tensor) -> torch.Tensor:
-        """This process's rows of values gathered by `_gather_for_scope`."""
-        if not self._global():
-            return values
-        b = values.shape[0] // self.host.num_processes
-        return values[self.host.process_index * b : (self.host.process_index + 1) * b]
+        return descent
 
     def _advance(self, global_step: int | None) -> None:
         if global_step is None:
@@ -504,11 +235,3 @@ class SharpnessAwareStep:
         self._calls += 1
         step, micro = self._step_index
         self._step_index = (global_step, micro + 1 if step == global_step else 0)
-
-    def _probe_generator(self, device) -> torch.Generator:
-        """Seeded from (seed, global step, micro-step, rank), so a resumed run draws the same probes."""
-        generator = torch.Generator(device=device)
-        step, micro = self._step_index
-        generator.manual_seed(rademacher_seed(self.seed, step, micro, self.host.process_index))
-        return generator
-

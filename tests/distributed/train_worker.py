@@ -6,7 +6,8 @@ Settings: "config" (RWSAMConfig keyword arguments), "out" (where rank 0 writes t
 collective counts and the first perturbation norm of every rank), optional "fail_rank" (that rank raises in its first
 training step), optional "fsdp" (run Accelerate's FSDP2 plugin on CPU, see `engage_fsdp_on_cpu`), optional
 "accelerate_fsdp" (FSDP2 requested by the environment, as `accelerate launch` with an FSDP config does), optional
-"shard_before_trainer" (`fully_shard` the model before the Trainer sees it).
+"shard_before_trainer" (`fully_shard` the model before the Trainer sees it), optional "hold_x_in_descent" (every descent
+enters `original_parameters()` and records whether the local parameters then hold x, and x + e again after it).
 Collectives are counted per phase of the step: every torch.distributed call from Python (our own reductions,
 Accelerate's gather/reduce) and every gradient bucket DDP all-reduces (through a counting comm hook; DDP's
 buckets do not go through the Python API).
@@ -77,6 +78,8 @@ class PhaseTrainer(SequentialTrainer):
 
     fail_rank = None
     perturbation_norms = []
+    hold_x_in_descent = False
+    held_x = []  # per descent: [x inside original_parameters(), x + e again after it, x + e differs from x]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -85,13 +88,24 @@ class PhaseTrainer(SequentialTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.fail_rank == self.args.process_index:
             raise RuntimeError(f"rank {self.args.process_index} fails on purpose")
+        self._x = self._local_values()
         PHASE[0] = "ascent"
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         finally:
             PHASE[0] = "outside"
 
+    def _local_values(self):
+        return [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in self.model.parameters()]
+
     def _descent(self, *args, **kwargs):
+        if self.hold_x_in_descent:
+            perturbed = self._local_values()
+            with self.sharpness_step.original_parameters():
+                inside = self._local_values()
+            after = self._local_values()
+            self.held_x.append([all(map(torch.equal, inside, self._x)), all(map(torch.equal, after, perturbed)),
+                                not all(map(torch.equal, perturbed, self._x))])
         PHASE[0] = "descent"
         try:
             return super()._descent(*args, **kwargs)
@@ -112,7 +126,8 @@ class NormRecordingHost(AccelerateHost):
 
         def recorded(tensors):
             value = norm(tensors)
-            self.norms.append(float(value))
+            if tensors is not params.tensors:  # not the norm of x (the first step's check of the fd step)
+                self.norms.append(float(value))
             return value
 
         params.norm = recorded
@@ -147,6 +162,7 @@ def main():
         fully_shard(model)
     count_python_collectives()
     PhaseTrainer.fail_rank = settings.get("fail_rank")
+    PhaseTrainer.hold_x_in_descent = settings.get("hold_x_in_descent", False)
     trainer = PhaseTrainer(model=model, args=args, train_dataset=tensor_dataset(x, y))
     trainer.add_callback(RegisterCommHook(trainer))
     distributed_type = str(trainer.accelerator.distributed_type)
@@ -156,13 +172,15 @@ def main():
               for p in trainer.accelerator.unwrap_model(trainer.model).parameters()]
     first_norms = [None] * args.world_size
     dist.all_gather_object(first_norms, trainer.perturbation_norms[:1])
+    held_x = [None] * args.world_size
+    dist.all_gather_object(held_x, trainer.held_x)
     if args.process_index == 0:
         flat = torch.cat([p.detach().reshape(-1) for p in params])
         torch.save({"params": flat, "counts": dict(COUNTS), "world_size": args.world_size,
                     "distributed_type": distributed_type,
                     "sharded": [type(p).__name__ for p in trainer.model.parameters()],
                     "fsdp_modules": sum(type(m).__name__.startswith("FSDP") for m in trainer.model.modules()),
-                    "first_perturbation_norms": first_norms}, settings["out"])
+                    "first_perturbation_norms": first_norms, "held_x": held_x}, settings["out"])
     # Tear the process group down, then leave without the interpreter's teardown: about one finished run in 20-50
     # aborted there on rank 1 ("terminate called without an active exception", a C++ thread destroyed while joinable)
     # even after destroy_process_group. Everything the tests read is written and flushed before this point.

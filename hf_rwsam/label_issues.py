@@ -1,0 +1,207 @@
+"""Which training examples look mislabeled: a running summary, per example, of the per-sample scores that RW-SAM
+computes at every step anyway (`SharpnessAwareStep.sample_scores`), so the report costs no forward or backward pass.
+
+The score of example ``i`` is minus its margin, the given label's logit minus the largest other logit in the
+step's forward at ``x`` (the margin of the area under the margin, AUM: Pleiss et al., "Identifying Mislabeled Data
+using the Area Under the Margin Ranking", NeurIPS 2020), averaged over its visits ``v`` with weights growing with
+the step ``t_v`` at which they happen::
+
+    score_i = - sum_v t_v m_iv / sum_v t_v
+
+so that later, more informative visits count more without knowing when training will end. An example is flagged
+when ``score_i > 0``: on average, its given label lost to another class. Both were chosen on a separate noisy run
+(experiments/RESULTS.md, 2026-12-05; `experiments/label_issues.py --select`): on digits with 30% symmetric and 30%
+asymmetric noise this summary had AUROC 0.998 and 0.975 (fd), against 0.934-0.995 and 0.872-0.955 for RW-SAM's own
+gradient-norm summaries (mean normalised norm, Gibbs weight, rank in the batch; fd and exact) and 0.967 for the plain
+mean margin under the asymmetric noise; the threshold 0 flagged 582 examples for 539 corrupted ones and 287 for 278,
+where a two-component Gaussian mixture on the scores (as DivideMix splits losses) flagged 1,001 for those 278.
+
+Memory is O(N) for N examples (a few numbers each); every process keeps the examples it saw, and `merged` adds them
+up over processes. `RWSAMTrainer` keeps one with ``RWSAMConfig(report_label_issues=True)``; a plain loop keeps its
+own::
+
+    report = LabelIssueReport(len(dataset))
+    for batch in loader:  # rows carry "example_index" (`hf_rwsam.data.ExampleIndexed`)
+        index = batch.pop("example_index")
+        loss = step(model, batch, loss_fn)
+        report.update(index, step.sample_scores, batch["labels"])
+        ...
+    report.to_dataset()  # index, score, label, prediction, flagged, visits; the most suspicious first
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+LABEL_ISSUES_CSV = "label_issues.csv"
+"""The report's file in the Trainer's ``output_dir``."""
+
+THRESHOLD = 0.0
+THRESHOLD_RULE = (
+    "0 was chosen on separate noisy runs (digits, 30% symmetric and 30% asymmetric noise; hf_rwsam/label_issues.py), "
+    "where it flagged about as many examples as were corrupted, and a two-component Gaussian mixture split of the "
+    "scores several times too many under the asymmetric noise"
+)
+"""How `THRESHOLD` was chosen, for the model card."""
+
+
+class LabelIssueReport:
+    """Per training example: how often it was seen, the step-weighted sums of minus its margins, its given label, the
+    model's prediction at its last visit and, when the data say so, whether its label was corrupted.
+
+    Args:
+        num_examples (`int`): N, the size of the training set; examples are its positions ``0 .. N - 1``.
+    """
+
+    def __init__(self, num_examples: int):
+        if not (isinstance(num_examples, int) and num_examples >= 1):
+            raise ValueError(f"LabelIssueReport: num_examples={num_examples!r} must be an integer >= 1.")
+        self.num_examples = num_examples
+        self.visits = torch.zeros(num_examples, dtype=torch.int64)
+        self.score_sums = torch.zeros(num_examples, dtype=torch.float64)  # sum_v t_v (-m_iv)
+        self.weight_sums = torch.zeros(num_examples, dtype=torch.float64)  # sum_v t_v
+        self.labels = torch.full((num_examples,), -1, dtype=torch.int64)
+        self.predictions = torch.full((num_examples,), -1, dtype=torch.int64)
+        self.noisy = torch.full((num_examples,), -1, dtype=torch.int8)
+        self.last_update = torch.full((num_examples,), -1, dtype=torch.int64)
+        self.updates = 0
+
+    def update(self, indices, scores, labels, predictions=None, noisy=None) -> None:
+        """Adds one micro-batch: this process's rows, in the batch's order.
+
+        Args:
+            indices (`Tensor` or sequence): ``[b]`` the examples' positions in the training set.
+            scores (`SampleScores`): the step's ``sample_scores`` for this micro-batch; a classifier's (its
+                ``margins`` are set).
+            labels (`Tensor`): ``[b]`` the given (training) labels.
+            predictions (`Tensor`, *optional*): ``[b]`` the model's predicted classes at this visit.
+            noisy (`Tensor`, *optional*): ``[b]`` whether each label is known to be corrupted (``is_noisy``).
+        """
+        if scores.margins is None:
+            raise ValueError(
+                "LabelIssueReport.update: the scores have no margins; the report needs a classifier, one row of class "
+                "logits per sample with integer labels."
+            )
+        indices = torch.as_tensor(indices).detach().cpu().long().reshape(-1)
+        b = indices.shape[0]
+        given = {"margins": scores.margins, "labels": labels, "predictions": predictions, "noisy": noisy}
+        for name, value in given.items():
+            if value is not None and torch.as_tensor(value).reshape(-1).shape[0] != b:
+                raise ValueError(
+                    f"LabelIssueReport.update: {b} indices but {torch.as_tensor(value).reshape(-1).shape[0]} {name}; "
+                    "pass this process's rows of one micro-batch, in the batch's order."
+                )
+        if b and not (0 <= int(indices.min()) and int(indices.max()) < self.num_examples):
+            raise ValueError(
+                f"LabelIssueReport.update: indices must be positions in the training set, 0 .. {self.num_examples - 1};"
+                f" got {int(indices.min())} .. {int(indices.max())}."
+            )
+        self.updates += 1
+        step = torch.full((b,), float(self.updates), dtype=torch.float64)  # t_v, from 1
+        self.visits.index_add_(0, indices, torch.ones_like(indices))
+        self.score_sums.index_add_(0, indices, -step * _cpu(scores.margins, torch.float64))
+        self.weight_sums.index_add_(0, indices, step)
+        self.labels[indices] = _cpu(labels, torch.int64)
+        if predictions is not None:
+            self.predictions[indices] = _cpu(predictions, torch.int64)
+        if noisy is not None:
+            self.noisy[indices] = _cpu(noisy, torch.int8)
+        self.last_update[indices] = self.updates
+
+    def merged(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> LabelIssueReport:
+        """The report of every process's updates, the same on every process (a collective: all of them call it).
+
+        Args:
+            gather (`Callable`): every process's tensor concatenated along dim 0 in process order
+                (``accelerator.gather``, ``TorchHost().gather``).
+        """
+        n = self.num_examples
+        merged = LabelIssueReport(n)
+
+        def stacked(values: torch.Tensor) -> torch.Tensor:
+            return gather(values).cpu().reshape(-1, n)
+
+        for name in ("visits", "score_sums", "weight_sums"):
+            setattr(merged, name, stacked(getattr(self, name)).sum(0))
+        latest = stacked(self.last_update).argmax(0, keepdim=True)  # the process that saw the example last
+        merged.last_update = stacked(self.last_update).gather(0, latest)[0]
+        for name in ("labels", "predictions", "noisy"):
+            setattr(merged, name, stacked(getattr(self, name)).gather(0, latest)[0])
+        merged.updates = self.updates
+        return merged
+
+    def scores(self) -> np.ndarray:
+        """Per example, minus its step-weighted mean margin (higher: more likely mislabeled); NaN if never seen."""
+        weights = self.weight_sums.numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(weights > 0, self.score_sums.numpy() / weights, np.nan)
+
+    def auroc(self) -> float | None:
+        """The area under the ROC curve of the scores as a detector of the examples known to be corrupted (their
+        ``is_noisy``), over the examples seen; None without both corrupted and clean ones among them."""
+        from sklearn.metrics import roc_auc_score
+
+        scores, noisy = self.scores(), self.noisy.numpy()
+        known = ~np.isnan(scores) & (noisy >= 0)
+        if len(np.unique(noisy[known])) < 2:
+            return None
+        return float(roc_auc_score(noisy[known], scores[known]))
+
+    def to_dataset(self):
+        """The report as a `datasets.Dataset`, the most suspicious example first (unseen ones last, ties by index):
+        ``index`` (position in the training set), ``score``, ``label`` (given; -1 if never seen), ``prediction`` (the
+        predicted class at the last visit; -1 where unknown), ``flagged`` (``score > THRESHOLD``), ``visits`` and,
+        when known, ``is_noisy``."""
+        from datasets import Dataset
+
+        scores = self.scores()
+        order = np.argsort(-np.where(np.isnan(scores), -np.inf, scores), kind="stable")
+        columns: dict[str, Any] = {
+            "index": order,
+            "score": scores[order],
+            "label": self.labels.numpy()[order],
+            "prediction": self.predictions.numpy()[order],
+            "flagged": scores[order] > THRESHOLD,
+            "visits": self.visits.numpy()[order],
+        }
+        noisy = self.noisy.numpy()
+        if (noisy >= 0).any():
+            columns["is_noisy"] = noisy[order] == 1
+        return Dataset.from_dict(columns)
+
+    def summary(self) -> dict[str, Any]:
+        """What the model card says: ``num_examples``, ``num_scored`` (seen at least once), ``num_flagged``,
+        ``threshold``, ``threshold_rule`` (how it was chosen), ``auroc`` (None unless `auroc` has one) and
+        ``num_noisy`` (the examples known to be corrupted, None when unknown)."""
+        scores, noisy = self.scores(), self.noisy.numpy()
+        return {
+            "num_examples": self.num_examples,
+            "num_scored": int((~np.isnan(scores)).sum()),
+            "num_flagged": int((scores > THRESHOLD).sum()),
+            "threshold": THRESHOLD,
+            "threshold_rule": THRESHOLD_RULE,
+            "auroc": self.auroc(),
+            "num_noisy": int((noisy == 1).sum()) if (noisy >= 0).any() else None,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the report holds, to continue it after a resume (`load_state_dict`)."""
+        names = ("visits", "score_sums", "weight_sums", "labels", "predictions", "noisy", "last_update")
+        return {"num_examples": self.num_examples, "updates": self.updates,
+                **{name: getattr(self, name).clone() for name in names}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_examples"] != self.num_examples:
+            raise ValueError(
+                f"LabelIssueReport: the saved report covers {state['num_examples']} examples, this training set has "
+                f"{self.num_examples}."
+            )
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+def _cpu(values, dtype) -> torch.Tensor:
+    return torch.as_tensor(values).detach().reshape(-1).to("cpu", dtype)
