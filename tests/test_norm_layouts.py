@@ -265,6 +265,13 @@ def test_deberta_v2_relative_embeddings(b):
 # ----------------------------------------------------------------------- transformers' norms, shared parameters
 
 
+def check_causal_lm(model, b):
+    """`check` on a 40-token causal LM's per-sequence token losses, every parameter covered by a rule."""
+    ids = torch.randint(0, 40, (b, 6), generator=torch.Generator().manual_seed(1))
+    check(model, lambda m: token_losses(m(input_ids=ids).logits, ids), b,
+          covered=[n for n, _ in model.named_parameters()])
+
+
 @pytest.mark.parametrize("b", [1, 4])
 def test_llama_rms_norm(b):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -273,9 +280,7 @@ def test_llama_rms_norm(b):
     config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, max_position_embeddings=32)
     model = LlamaForCausalLM(config)
-    ids = torch.randint(0, 40, (b, 6), generator=torch.Generator().manual_seed(1))
-    check(model, lambda m: token_losses(m(input_ids=ids).logits, ids), b,
-          covered=[n for n, _ in model.named_parameters()])
+    check_causal_lm(model, b)
 
 
 @pytest.mark.parametrize("b", [1, 4])
@@ -287,9 +292,7 @@ def test_gpt2_tied_word_embeddings(b):
                         embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config)
     assert model.lm_head.weight is model.transformer.wte.weight
-    ids = torch.randint(0, 40, (b, 6), generator=torch.Generator().manual_seed(1))
-    check(model, lambda m: token_losses(m(input_ids=ids).logits, ids), b,
-          covered=[n for n, _ in model.named_parameters()])
+    check_causal_lm(model, b)
 
 
 @pytest.mark.parametrize("b", [1, 4])

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from utils import TinyMLP, make_tensors, sgd_config, tensor_dataset  # noqa: E402
+from utils import TinyMLP, leave_process_group, make_tensors, sgd_config, tensor_dataset  # noqa: E402
 
 from hf_rwsam import RWSAMTrainer  # noqa: E402
 from hf_rwsam.columns import INDEX_COLUMN  # noqa: E402
@@ -47,12 +47,7 @@ def main():
         torch.save({"records": records, "x": x, "y": y, "noisy": noisy, "world_size": args.world_size,
                     "report": trainer.label_issues().to_dict(), "output_dir": args.output_dir,
                     "log_history": trainer.state.log_history}, settings["out"])
-    # As train_worker.py: tear down, then leave without the interpreter's teardown (a rare abort on rank 1 there)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from utils import SequentialTrainer, TinyMLP, make_tensors, sgd_config, tensor_dataset  # noqa: E402
+from utils import (SequentialTrainer, TinyMLP, leave_process_group, make_tensors, sgd_config,  # noqa: E402
+                   tensor_dataset)
 
 from transformers import TrainerCallback  # noqa: E402
 
@@ -181,14 +182,7 @@ def main():
                     "sharded": [type(p).__name__ for p in trainer.model.parameters()],
                     "fsdp_modules": sum(type(m).__name__.startswith("FSDP") for m in trainer.model.modules()),
                     "first_perturbation_norms": first_norms, "held_x": held_x}, settings["out"])
-    # Tear the process group down, then leave without the interpreter's teardown: about one finished run in 20-50
-    # aborted there on rank 1 ("terminate called without an active exception", a C++ thread destroyed while joinable)
-    # even after destroy_process_group. Everything the tests read is written and flushed before this point.
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_process_group()
 
 
 if __name__ == "__main__":
