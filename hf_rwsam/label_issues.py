@@ -69,14 +69,15 @@ class LabelIssueReport:
         self.last_update = torch.full((num_examples,), -1, dtype=torch.int64)
         self.updates = 0
 
-    def update(self, indices, scores, labels, noisy=None) -> None:
+    def update(self, indices, scores, labels, predictions=None, noisy=None) -> None:
         """Adds one micro-batch: this process's rows, in the batch's order.
 
         Args:
             indices (`Tensor` or sequence): ``[b]`` the examples' positions in the training set.
             scores (`SampleScores`): the step's ``sample_scores`` for this micro-batch; a classifier's (its
-                ``margins`` are set; its ``predictions``, the predicted classes at this visit, where set).
+                ``margins`` are set).
             labels (`Tensor`): ``[b]`` the given (training) labels.
+            predictions (`Tensor`, *optional*): ``[b]`` the model's predicted classes at this visit.
             noisy (`Tensor`, *optional*): ``[b]`` whether each label is known to be corrupted (``is_noisy``).
         """
         if scores.margins is None:
@@ -86,7 +87,6 @@ class LabelIssueReport:
             )
         indices = torch.as_tensor(indices).detach().cpu().long().reshape(-1)
         b = indices.shape[0]
-        predictions = scores.predictions
         given = {"margins": scores.margins, "labels": labels, "predictions": predictions, "noisy": noisy}
         for name, value in given.items():
             if value is not None and torch.as_tensor(value).reshape(-1).shape[0] != b:

@@ -231,13 +231,13 @@ def test_refused_by_name_where_it_cannot_work(tmp_path):
 
 def test_report_merges_processes_and_rejects_what_is_not_one_micro_batch():
     """Two reports as two processes' (gather = stacking them), against the plain reference."""
-    scores = [SampleScores(torch.zeros(2), torch.ones(2), torch.full((2,), 0.5), torch.tensor(m), torch.tensor(c))
-              for m, c in (([1.0, -2.0], [1, 0]), ([0.5, 3.0], [0, 0]), ([-1.0, 4.0], [2, 2]), ([2.0, 2.0], [2, 0]))]
+    scores = [SampleScores(torch.zeros(2), torch.ones(2), torch.full((2,), 0.5), torch.tensor(m))
+              for m in ([1.0, -2.0], [0.5, 3.0], [-1.0, 4.0], [2.0, 2.0])]
     a, b = LabelIssueReport(4), LabelIssueReport(4)
-    a.update([0, 1], scores[0], torch.tensor([1, 2]))
-    b.update([2, 3], scores[1], torch.tensor([0, 0]))
-    a.update([3, 0], scores[2], torch.tensor([0, 1]))
-    b.update([1, 2], scores[3], torch.tensor([2, 0]))
+    a.update([0, 1], scores[0], torch.tensor([1, 2]), torch.tensor([1, 0]))
+    b.update([2, 3], scores[1], torch.tensor([0, 0]), torch.tensor([0, 0]))
+    a.update([3, 0], scores[2], torch.tensor([0, 1]), torch.tensor([2, 2]))
+    b.update([1, 2], scores[3], torch.tensor([2, 0]), torch.tensor([2, 0]))
     records = [[{"index": [0, 1], "margins": [1.0, -2.0]}, {"index": [3, 0], "margins": [-1.0, 4.0]}],
                [{"index": [2, 3], "margins": [0.5, 3.0]}, {"index": [1, 2], "margins": [2.0, 2.0]}]]
     for report in (a, b):

@@ -376,9 +376,9 @@ def test_a_causal_lms_loss_in_a_plain_loop_is_met_with_the_advice_to_shift_the_l
     assert step.per_sample_losses.checked and all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_rwsam_exposes_each_samples_loss_norm_weight_margin_and_prediction_after_the_step():
-    """`sample_scores` after an RW-SAM step: the per-sample losses, margins and predicted classes of the batch at x
-    (computed plainly here), the norms the weights came from, and weights summing to 1 in the batch's order."""
+def test_rwsam_exposes_each_samples_loss_norm_weight_and_margin_after_the_step():
+    """`sample_scores` after an RW-SAM step: the per-sample losses and margins of the batch at x (computed plainly here),
+    the norms the weights came from, and weights summing to 1 in the batch's order."""
     import torch.nn.functional as F
 
     from hf_rwsam.sharpness import SharpnessAwareStep, SharpnessSettings
@@ -402,6 +402,5 @@ def test_rwsam_exposes_each_samples_loss_norm_weight_margin_and_prediction_after
     others = logits.clone()
     others[torch.arange(8), y] = float("-inf")
     torch.testing.assert_close(scores.margins, logits[torch.arange(8), y] - others.max(1).values)
-    assert scores.predictions.tolist() == logits.argmax(1).tolist()
     torch.testing.assert_close(scores.weights, torch.softmax(2.0 * scores.norms / scores.norms.mean(), 0))
     assert scores.norms.shape == (8,) and not scores.norms.requires_grad

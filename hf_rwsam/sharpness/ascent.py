@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from ..losses import classification_margins, model_logits
+from ..losses import classification_margins
 from .context import RunningMeans, StepContext
 from .estimators import ESTIMATORS, NormEstimator
 from .reweight import effective_sample_size, gibbs_weights
@@ -31,14 +31,12 @@ from .settings import SharpnessSettings
 class SampleScores:
     """What an RW-SAM step knows of each sample of its micro-batch (this process's rows, in the batch's order), all
     fp32 ``[b]`` and detached: the per-sample loss at ``x``, the gradient norm estimate ``n_i``, the Gibbs weight
-    ``p_i`` and, for classifiers, the margin of the given label's logit over the largest other one and the predicted
-    class (int64), both from the ascent's forward at ``x`` (None otherwise)."""
+    ``p_i`` and, for classifiers, the margin of the given label's logit over the largest other one (None otherwise)."""
 
     losses: torch.Tensor
     norms: torch.Tensor
     weights: torch.Tensor
     margins: torch.Tensor | None
-    predictions: torch.Tensor | None = None
 
 
 class LossAscent:
@@ -91,14 +89,13 @@ class ReweightedAscent:
             )
         self.losses.check(ctx, outputs, losses, value)
         margins = classification_margins(outputs, self.losses.labels(ctx.inputs))
-        predictions = None if margins is None else model_logits(outputs).detach().argmax(-1)
         del outputs
         norms = self._gathered(ctx, estimator.norms(ctx, losses))
         weights, lam = gibbs_weights(norms, s.rwsam_lambda, s.rwsam_normalize, s.rwsam_target_ess, s.rwsam_max_weight,
                                      return_lambda=True)
         self._log(ctx, weights, lam)
         weights = self._local(ctx, weights)
-        self.scores = SampleScores(losses.detach(), self._local(ctx, norms), weights, margins, predictions)
+        self.scores = SampleScores(losses.detach(), self._local(ctx, norms), weights, margins)
         # the loss detached: the ascent's graph (kept by the exact estimator) is freed before the descent allocates
         return value.detach(), estimator.weighted_gradient(ctx, weights, losses)
 
