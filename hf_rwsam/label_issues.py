@@ -126,8 +126,9 @@ class LabelIssueReport:
 
         for name in ("visits", "score_sums", "weight_sums"):
             setattr(merged, name, stacked(getattr(self, name)).sum(0))
-        latest = stacked(self.last_update).argmax(0, keepdim=True)  # the process that saw the example last
-        merged.last_update = stacked(self.last_update).gather(0, latest)[0]
+        last_updates = stacked(self.last_update)
+        latest = last_updates.argmax(0, keepdim=True)  # the process that saw the example last
+        merged.last_update = last_updates.gather(0, latest)[0]
         for name in ("labels", "predictions", "noisy"):
             setattr(merged, name, stacked(getattr(self, name)).gather(0, latest)[0])
         merged.updates = self.updates

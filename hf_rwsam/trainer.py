@@ -321,8 +321,8 @@ class SharpnessAwareMixin:
                 "report_label_issues needs a classifier: one row of class logits per sample and integer labels "
                 f"(the outputs of {type(self.accelerator.unwrap_model(self.model)).__name__} are not)."
             )
-        label_name = next(name for name in self.sharpness_step.per_sample_losses.label_names if name in inputs)
-        self._label_issues.update(index, scores, inputs[label_name], self._ascent_predictions, noisy)
+        labels = self.sharpness_step.per_sample_losses.labels(inputs)
+        self._label_issues.update(index, scores, labels, self._ascent_predictions, noisy)
 
     def _merged_label_issues(self) -> LabelIssueReport:
         """The report over every process (a collective)."""

@@ -32,6 +32,7 @@ Example, a plain PyTorch loop::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -159,7 +160,7 @@ class SharpnessAwareStep:
             ctx = self._context(model, inputs, loss_fn, noisy, reference_loss_fn)
             if self.msam is not None:
                 return self.msam(ctx, descent, lambda group, k: self._sam_step(
-                    self._context(model, group, loss_fn), descent, share=k), msam_vmap_unavailable)
+                    self._group_context(ctx, group), descent, share=k), msam_vmap_unavailable)
             return self._sam_step(ctx, descent)
 
     @contextlib.contextmanager
@@ -186,6 +187,13 @@ class SharpnessAwareStep:
                 raise ValueError(f"{type(self.settings).__name__} on FSDP2 shards: {'; '.join(problems)}.")
         return StepContext(model, inputs, loss_fn, self.host, params, RNGReplay({t.device for t in params.tensors}),
                            running_stat_modules(model), noisy, reference_loss_fn, self._step_index, self.seed)
+
+    @staticmethod
+    def _group_context(ctx: StepContext, group: dict) -> StepContext:
+        """An m-SAM group's context: the call's, with the group's inputs and the random-number state before the
+        group's own ascent (no ``is_noisy`` diagnostics or reference loss: those are RW-SAM's)."""
+        return dataclasses.replace(ctx, inputs=group, rng=RNGReplay(ctx.rng.devices), noisy=None,
+                                   reference_loss_fn=None)
 
     def _sam_step(self, ctx: StepContext, descent: DescentFunc, share: int = 1) -> torch.Tensor:
         """One SAM / ASAM / RW-SAM step on ``ctx.inputs``, whose descent counts for ``1 / share`` of the step."""
