@@ -51,8 +51,6 @@ import torch.nn.functional as F
 RESULTS = Path(__file__).parent / "results"
 NOISES = {"sym20": ("symmetric", 0.2), "sym40": ("symmetric", 0.4), "asym40": ("asymmetric", 0.4)}
 SELECTION_NOISES = {"sym30": ("symmetric", 0.3), "asym30": ("asymmetric", 0.3)}
-MNIST_FLIPS = {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}
-"""Patrini et al. (CVPR 2017)'s asymmetric noise for MNIST, used for both digit datasets."""
 FOLDS = 5
 
 
@@ -88,10 +86,11 @@ def load_images(name: str, size: int):
 
 def noisy_dataset(settings: dict, name: str, noise: tuple, noise_seed: int):
     from hf_rwsam.data import add_label_noise
+    from tensors import DIGIT_ASYMMETRIC_MAP  # Patrini et al.'s MNIST flips, for both digit datasets
 
     kind, rate = noise
     dataset = load_images(name, settings["image_size"][name])
-    mapping = MNIST_FLIPS if kind == "asymmetric" else None
+    mapping = DIGIT_ASYMMETRIC_MAP if kind == "asymmetric" else None
     return add_label_noise(dataset, kind, rate, seed=noise_seed, mapping=mapping).with_format("torch")
 
 
