@@ -65,14 +65,14 @@ def trained(tmp_path, trainer_class=RecordingTrainer, noisy=True, **config):
 
 
 def reference_scores(records_per_process, n):
-    """The report's definition, written plainly: -sum_v t_v m_iv / sum_v t_v, t_v the 1-based micro-batch count of
-    the process that made visit v (processes step in lockstep)."""
+    """The report's definition, written plainly: -sum_v t_v^8 m_iv / sum_v t_v^8, t_v the 1-based micro-batch count
+    of the process that made visit v (processes step in lockstep)."""
     weighted, weights = [0.0] * n, [0.0] * n
     for records in records_per_process:
         for t, record in enumerate(records, start=1):
             for i, m in zip(record["index"], record["margins"]):
-                weighted[i] += -t * float(m)
-                weights[i] += t
+                weighted[i] += -t**8 * float(m)
+                weights[i] += t**8
     return np.array([w / v if v else math.nan for w, v in zip(weighted, weights)])
 
 
