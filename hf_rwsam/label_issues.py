@@ -69,25 +69,28 @@ class LabelIssueReport:
         self.last_update = torch.full((num_examples,), -1, dtype=torch.int64)
         self.updates = 0
 
-    def update(self, indices, scores, labels, predictions=None, noisy=None) -> None:
+    def update(self, indices, scores, labels, noisy=None) -> None:
         """Adds one micro-batch: this process's rows, in the batch's order.
+
+        The predicted class at this visit, the argmax of the logits, comes from the margin ``m`` and the runner-up
+        ``r`` without the logits: the given label ``y`` where ``m > 0``, ``r`` where ``m < 0`` and, where they tie
+        (``m == 0``), the smaller of ``y`` and ``r``, the first of the equal logits as ``argmax`` takes it.
 
         Args:
             indices (`Tensor` or sequence): ``[b]`` the examples' positions in the training set.
             scores (`SampleScores`): the step's ``sample_scores`` for this micro-batch; a classifier's (its
-                ``margins`` are set).
-            labels (`Tensor`): ``[b]`` the given (training) labels.
-            predictions (`Tensor`, *optional*): ``[b]`` the model's predicted classes at this visit.
+                ``margins`` and ``runner_up`` are set).
+            labels (`Tensor`): ``[b]`` the given (training) labels, those the margins were taken against.
             noisy (`Tensor`, *optional*): ``[b]`` whether each label is known to be corrupted (``is_noisy``).
         """
-        if scores.margins is None:
+        if scores.margins is None or scores.runner_up is None:
             raise ValueError(
                 "LabelIssueReport.update: the scores have no margins; the report needs a classifier, one row of class "
                 "logits per sample with integer labels."
             )
         indices = torch.as_tensor(indices).detach().cpu().long().reshape(-1)
         b = indices.shape[0]
-        given = {"margins": scores.margins, "labels": labels, "predictions": predictions, "noisy": noisy}
+        given = {"margins": scores.margins, "runner_up": scores.runner_up, "labels": labels, "noisy": noisy}
         for name, value in given.items():
             if value is not None and torch.as_tensor(value).reshape(-1).shape[0] != b:
                 raise ValueError(
@@ -102,11 +105,13 @@ class LabelIssueReport:
         self.updates += 1
         step = torch.full((b,), float(self.updates), dtype=torch.float64)  # t_v, from 1
         self.visits.index_add_(0, indices, torch.ones_like(indices))
-        self.score_sums.index_add_(0, indices, -step * _cpu(scores.margins, torch.float64))
+        margins, labels, runner_up = (_cpu(scores.margins, torch.float64), _cpu(labels, torch.int64),
+                                      _cpu(scores.runner_up, torch.int64))
+        self.score_sums.index_add_(0, indices, -step * margins)
         self.weight_sums.index_add_(0, indices, step)
-        self.labels[indices] = _cpu(labels, torch.int64)
-        if predictions is not None:
-            self.predictions[indices] = _cpu(predictions, torch.int64)
+        self.labels[indices] = labels
+        given_wins = (margins > 0) | ((margins == 0) & (labels < runner_up))
+        self.predictions[indices] = torch.where(given_wins, labels, runner_up)
         if noisy is not None:
             self.noisy[indices] = _cpu(noisy, torch.int8)
         self.last_update[indices] = self.updates
