@@ -297,6 +297,33 @@ def test_report_merges_processes_and_rejects_what_is_not_one_micro_batch():
                  torch.tensor([1, 2]))
 
 
+def test_an_update_leaves_the_report_on_the_margins_device_and_reads_nothing_back():
+    """The meta device stands in for an accelerator: its tensors hold no values, so reading one back (a range check,
+    a copy to the CPU) fails there. After the first update (indices from the CPU, as a plain loop's, checked there),
+    updates with the device's indices run there; a report loaded from its CPU state moves back on its next update."""
+    meta = torch.device("meta")
+
+    def scores(b):
+        return SampleScores(*(torch.zeros(b, device=meta) for _ in range(4)),
+                            torch.zeros(b, dtype=torch.int64, device=meta))
+
+    def devices(report):
+        return {value.device for value in vars(report).values() if isinstance(value, torch.Tensor)}
+
+    labels = torch.zeros(2, dtype=torch.int64, device=meta)
+    report = LabelIssueReport(4)
+    report.update([0, 1], scores(2), labels)
+    assert devices(report) == {meta}
+    report.update(torch.tensor([2, 3], device=meta), scores(2), labels, torch.ones(2, device=meta))
+    assert devices(report) == {meta} and report.updates == 2
+
+    restored = LabelIssueReport(4)
+    restored.load_state_dict(LabelIssueReport(4).state_dict())
+    assert devices(restored) == {torch.device("cpu")}
+    restored.update([1, 2], scores(2), labels)
+    assert devices(restored) == {meta}
+
+
 # ---------------------------------------------------------------------------------------------------------- DDP
 
 WORKER = Path(__file__).parent / "distributed" / "label_issues_worker.py"
