@@ -101,6 +101,7 @@ class SharpnessAwareMixin:
         self._loss_counts_items: bool | None = None  # whether compute_loss divides by num_items_in_batch
         self._sharpness_sum, self._sharpness_steps = 0.0, set()
         self._label_issues: LabelIssueReport | None = None  # the running report, during `train`
+        self._label_issue_auroc = False  # whether the epochs' ends merge the report for its AUROC, during `train`
         self._label_issue_results: tuple | None = None  # (the report as a Dataset, its summary) after `train`
         if self._reports_label_issues():
             if self.train_dataset is not None:
@@ -270,6 +271,7 @@ class SharpnessAwareMixin:
 
         with restored(restore):
             self._label_issues = LabelIssueReport(len(ExampleIndexed(self.train_dataset)))
+            self._label_issue_auroc = _may_mark_noise(self.train_dataset)
             output = super().train(*args, **kwargs)
             self._finish_label_issues()
         return output
@@ -338,8 +340,9 @@ class SharpnessAwareMixin:
                     f"{summary['threshold']}){auroc}; every example in {LABEL_ISSUES_CSV}.")
 
     def _log_label_issue_auroc(self) -> None:
-        """Logs ``label_issues/auroc`` when the training set marks its corrupted labels (``is_noisy``)."""
-        if self._label_issues is None:
+        """Logs ``label_issues/auroc`` when the training set marks its corrupted labels (``is_noisy``). One whose columns
+        show none skips the merge, a collective: the columns are the same on every process, so all of them skip it."""
+        if self._label_issues is None or not self._label_issue_auroc:
             return
         auroc = self._merged_label_issues().auroc()
         if auroc is not None:
@@ -381,6 +384,13 @@ class SharpnessAwareMixin:
     def _prepare_inputs(self, inputs):
         """The trainer's, minus the ``is_noisy`` and ``example_index`` columns (for diagnostics and the report)."""
         return super()._prepare_inputs({k: v for k, v in inputs.items() if k not in (NOISE_COLUMN, INDEX_COLUMN)})
+
+
+def _may_mark_noise(dataset) -> bool:
+    """Whether the rows of `dataset` may carry ``is_noisy``: its columns list it, or it lists none (not a
+    `datasets.Dataset`; its rows are not read, which could draw a random transform's numbers)."""
+    columns = getattr(dataset, "column_names", None)
+    return columns is None or NOISE_COLUMN in columns
 
 
 class _LabelIssueAUROC(TrainerCallback):

@@ -173,8 +173,17 @@ def test_keeping_the_report_changes_no_weight(tmp_path, estimator):
         without.label_issues()
 
 
-def test_auroc_is_logged_every_epoch_when_the_data_mark_their_corrupted_labels(tmp_path):
+def test_auroc_is_logged_every_epoch_when_the_data_mark_their_corrupted_labels(tmp_path, monkeypatch):
+    """... and without such marks, the epochs' ends merge nothing (a merge is a collective: several all-gathers)."""
+    merges, merged = [], LabelIssueReport.merged
+
+    def counted(self, gather):
+        merges.append(self.updates)
+        return merged(self, gather)
+
+    monkeypatch.setattr(LabelIssueReport, "merged", counted)
     trainer, _, _ = trained(tmp_path)
+    assert merges == [6, 12, 12]  # the two epochs' ends (6 micro-batches each), then the report's at the end
     logged = [e for e in trainer.state.log_history if "label_issues/auroc" in e]
     assert [e["epoch"] for e in logged] == [1.0, 2.0]
     report = trainer.label_issues()
@@ -183,7 +192,9 @@ def test_auroc_is_logged_every_epoch_when_the_data_mark_their_corrupted_labels(t
     pairs = [(s > c) + 0.5 * (s == c) for s in scores[noisy] for c in scores[~noisy]]
     assert logged[-1]["label_issues/auroc"] == pytest.approx(np.mean(pairs), abs=1e-12)
 
+    merges.clear()
     quiet, _, _ = trained(tmp_path / "no_record", noisy=False)
+    assert merges == [12]  # only the report's at the end
     assert not any("label_issues/auroc" in e for e in quiet.state.log_history)
     assert "is_noisy" not in quiet.label_issues().column_names
 
