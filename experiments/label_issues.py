@@ -218,7 +218,7 @@ def _margin_trainer():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            self._margins = classification_margins(outputs, inputs["labels"])
+            self._margins, _ = classification_margins(outputs, inputs["labels"])
             return (loss, outputs) if return_outputs else loss
 
     return MarginTrainer

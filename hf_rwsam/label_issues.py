@@ -14,8 +14,10 @@ read, the last tenth of the steps so far holds 61% of the weight (``1 - 0.9^9``)
 (experiments/RESULTS.md, "Choosing the summary and the threshold"; `experiments/label_issues.py --select`): SELECTION
 
 Memory is O(N) for N examples (a few numbers each); every process keeps the examples it saw, and `merged` adds them
-up over processes. `RWSAMTrainer` keeps one with ``RWSAMConfig(report_label_issues=True)``; a plain loop keeps its
-own::
+up over processes. The report lives on the device of the margins it is given (float64 sums; on MPS, which has no
+float64, on the CPU), so that an update waits for nothing; it comes to the CPU only to be read (`merged`, `scores`,
+`to_dataset`, `summary`, `state_dict`). `RWSAMTrainer` keeps one with ``RWSAMConfig(report_label_issues=True)``; a
+plain loop keeps its own::
 
     report = LabelIssueReport(len(dataset))
     for batch in loader:  # rows carry "example_index" (`hf_rwsam.data.ExampleIndexed`)
@@ -69,46 +71,61 @@ class LabelIssueReport:
         self.last_update = torch.full((num_examples,), -1, dtype=torch.int64)
         self.updates = 0
 
-    def update(self, indices, scores, labels, predictions=None, noisy=None) -> None:
+    def update(self, indices, scores, labels, noisy=None) -> None:
         """Adds one micro-batch: this process's rows, in the batch's order.
+
+        The predicted class at this visit, the argmax of the logits, comes from the margin ``m`` and the runner-up
+        ``r`` without the logits: the given label ``y`` where ``m > 0``, ``r`` where ``m < 0`` and, where they tie
+        (``m == 0``), the smaller of ``y`` and ``r``, the first of the equal logits as ``argmax`` takes it.
 
         Args:
             indices (`Tensor` or sequence): ``[b]`` the examples' positions in the training set.
             scores (`SampleScores`): the step's ``sample_scores`` for this micro-batch; a classifier's (its
-                ``margins`` are set).
-            labels (`Tensor`): ``[b]`` the given (training) labels.
-            predictions (`Tensor`, *optional*): ``[b]`` the model's predicted classes at this visit.
+                ``margins`` and ``runner_up`` are set).
+            labels (`Tensor`): ``[b]`` the given (training) labels, those the margins were taken against.
             noisy (`Tensor`, *optional*): ``[b]`` whether each label is known to be corrupted (``is_noisy``).
         """
-        if scores.margins is None:
+        if scores.margins is None or scores.runner_up is None:
             raise ValueError(
                 "LabelIssueReport.update: the scores have no margins; the report needs a classifier, one row of class "
                 "logits per sample with integer labels."
             )
-        indices = torch.as_tensor(indices).detach().cpu().long().reshape(-1)
+        device = _home(scores.margins.device)
+        moved = self.visits.device != device  # the first update, or the first after `load_state_dict`
+        indices = torch.as_tensor(indices).detach().reshape(-1)
         b = indices.shape[0]
-        given = {"margins": scores.margins, "labels": labels, "predictions": predictions, "noisy": noisy}
+        given = {"margins": scores.margins, "runner_up": scores.runner_up, "labels": labels, "noisy": noisy}
         for name, value in given.items():
             if value is not None and torch.as_tensor(value).reshape(-1).shape[0] != b:
                 raise ValueError(
                     f"LabelIssueReport.update: {b} indices but {torch.as_tensor(value).reshape(-1).shape[0]} {name}; "
                     "pass this process's rows of one micro-batch, in the batch's order."
                 )
-        if b and not (0 <= int(indices.min()) and int(indices.max()) < self.num_examples):
+        # Reading the indices' range back waits for the device that holds them: they are checked by name where that
+        # is free (on the CPU) and, on a device, once, when the report moves there; a bad index after that still
+        # fails, in index_add_'s own bounds check (on CUDA a device-side assert, raised at the next synchronisation).
+        if b and (indices.device.type == "cpu" or moved) and not (
+                0 <= int(indices.min()) and int(indices.max()) < self.num_examples):
             raise ValueError(
                 f"LabelIssueReport.update: indices must be positions in the training set, 0 .. {self.num_examples - 1};"
                 f" got {int(indices.min())} .. {int(indices.max())}."
             )
+        if moved:
+            for name in _BUFFERS:
+                setattr(self, name, getattr(self, name).to(device))
+        indices = _to(indices, device, torch.int64)
         self.updates += 1
-        weight = torch.full((b,), float(self.updates) ** STEP_POWER, dtype=torch.float64)  # t_v^8, t_v from 1
+        weight = torch.full((b,), float(self.updates) ** STEP_POWER, dtype=torch.float64, device=device)  # t_v^8
         self.visits.index_add_(0, indices, torch.ones_like(indices))
-        self.score_sums.index_add_(0, indices, -weight * _cpu(scores.margins, torch.float64))
+        margins, labels, runner_up = (_to(scores.margins, device, torch.float64), _to(labels, device, torch.int64),
+                                      _to(scores.runner_up, device, torch.int64))
+        self.score_sums.index_add_(0, indices, -weight * margins)
         self.weight_sums.index_add_(0, indices, weight)
-        self.labels[indices] = _cpu(labels, torch.int64)
-        if predictions is not None:
-            self.predictions[indices] = _cpu(predictions, torch.int64)
+        self.labels[indices] = labels
+        given_wins = (margins > 0) | ((margins == 0) & (labels < runner_up))
+        self.predictions[indices] = torch.where(given_wins, labels, runner_up)
         if noisy is not None:
-            self.noisy[indices] = _cpu(noisy, torch.int8)
+            self.noisy[indices] = _to(noisy, device, torch.int8)
         self.last_update[indices] = self.updates
 
     def merged(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> LabelIssueReport:
@@ -136,16 +153,16 @@ class LabelIssueReport:
 
     def scores(self) -> np.ndarray:
         """Per example, minus its step-weighted (``t^8``) mean margin (higher: more likely mislabeled); NaN if unseen."""
-        weights = self.weight_sums.numpy()
+        weights = self.weight_sums.cpu().numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(weights > 0, self.score_sums.numpy() / weights, np.nan)
+            return np.where(weights > 0, self.score_sums.cpu().numpy() / weights, np.nan)
 
     def auroc(self) -> float | None:
         """The area under the ROC curve of the scores as a detector of the examples known to be corrupted (their
         ``is_noisy``), over the examples seen; None without both corrupted and clean ones among them."""
         from sklearn.metrics import roc_auc_score
 
-        scores, noisy = self.scores(), self.noisy.numpy()
+        scores, noisy = self.scores(), self.noisy.cpu().numpy()
         known = ~np.isnan(scores) & (noisy >= 0)
         if len(np.unique(noisy[known])) < 2:
             return None
@@ -163,12 +180,12 @@ class LabelIssueReport:
         columns: dict[str, Any] = {
             "index": order,
             "score": scores[order],
-            "label": self.labels.numpy()[order],
-            "prediction": self.predictions.numpy()[order],
+            "label": self.labels.cpu().numpy()[order],
+            "prediction": self.predictions.cpu().numpy()[order],
             "flagged": scores[order] > THRESHOLD,
-            "visits": self.visits.numpy()[order],
+            "visits": self.visits.cpu().numpy()[order],
         }
-        noisy = self.noisy.numpy()
+        noisy = self.noisy.cpu().numpy()
         if (noisy >= 0).any():
             columns["is_noisy"] = noisy[order] == 1
         return Dataset.from_dict(columns)
@@ -177,7 +194,7 @@ class LabelIssueReport:
         """What the model card says: ``num_examples``, ``num_scored`` (seen at least once), ``num_flagged``,
         ``threshold``, ``threshold_rule`` (how it was chosen), ``auroc`` (None unless `auroc` has one) and
         ``num_noisy`` (the examples known to be corrupted, None when unknown)."""
-        scores, noisy = self.scores(), self.noisy.numpy()
+        scores, noisy = self.scores(), self.noisy.cpu().numpy()
         return {
             "num_examples": self.num_examples,
             "num_scored": int((~np.isnan(scores)).sum()),
@@ -189,10 +206,10 @@ class LabelIssueReport:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything the report holds, to continue it after a resume (`load_state_dict`)."""
-        names = ("visits", "score_sums", "weight_sums", "labels", "predictions", "noisy", "last_update")
+        """Everything the report holds, on the CPU, to continue it after a resume (`load_state_dict`: the next
+        update moves it back to the margins' device)."""
         return {"num_examples": self.num_examples, "updates": self.updates,
-                **{name: getattr(self, name).clone() for name in names}}
+                **{name: getattr(self, name).to("cpu", copy=True) for name in _BUFFERS}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["num_examples"] != self.num_examples:
@@ -204,5 +221,16 @@ class LabelIssueReport:
             setattr(self, name, value)
 
 
-def _cpu(values, dtype) -> torch.Tensor:
-    return torch.as_tensor(values).detach().reshape(-1).to("cpu", dtype)
+_BUFFERS = ("visits", "score_sums", "weight_sums", "labels", "predictions", "noisy", "last_update")
+"""The report's per-example tensors."""
+
+
+def _home(device: torch.device) -> torch.device:
+    """Where a report fed margins on `device` keeps its float64 sums: there, or on the CPU for MPS (no float64)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def _to(values, device: torch.device, dtype) -> torch.Tensor:
+    """`values` flat on `device`; a copy to an accelerator is queued without waiting (safe from the CPU's memory, which
+    CUDA stages at once), one to the CPU waits (its values are read next)."""
+    return torch.as_tensor(values).detach().reshape(-1).to(device, dtype, non_blocking=device.type != "cpu")

@@ -116,10 +116,12 @@ def per_sample_loss(
 
 
 @torch.no_grad()
-def classification_margins(outputs: Any, labels: torch.Tensor) -> torch.Tensor | None:
+def classification_margins(outputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The margin of Pleiss et al. (2020, "Identifying mislabeled data using the area under the margin ranking"):
-    the given label's logit minus the largest other logit, per sample, fp32 ``[b]``. None where the outputs are not one
-    row of class logits per sample with integer labels (regression, multi-label, token-level)."""
+    the given label's logit minus the largest other logit, per sample, fp32 ``[b]``; and that other class, the
+    runner-up to the given label (int64 ``[b]``, the first of equal logits), which one ``max`` yields with its value.
+    None where the outputs are not one row of class logits per sample with integer labels (regression, multi-label,
+    token-level)."""
     try:
         logits = model_logits(outputs)
     except ValueError:
@@ -129,5 +131,5 @@ def classification_margins(outputs: Any, labels: torch.Tensor) -> torch.Tensor |
         return None
     logits = logits.float()
     given = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
-    return given - others
+    others, runner_up = logits.scatter(1, labels[:, None], float("-inf")).max(1)
+    return given - others, runner_up

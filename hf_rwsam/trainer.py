@@ -40,7 +40,7 @@ from .columns import INDEX_COLUMN, NOISE_COLUMN
 from .config import RWSAMConfig, check_trainer_setup, check_training_arguments
 from .data import ExampleIndexed, label_noise_info
 from .label_issues import LABEL_ISSUES_CSV, LabelIssueReport
-from .losses import PerSampleLossFunc, model_logits, per_sample_loss
+from .losses import PerSampleLossFunc, per_sample_loss
 from .sharpness import AccelerateHost, SharpnessAwareStep, SharpnessSettings
 from .sharpness.state import restored
 
@@ -101,8 +101,8 @@ class SharpnessAwareMixin:
         self._loss_counts_items: bool | None = None  # whether compute_loss divides by num_items_in_batch
         self._sharpness_sum, self._sharpness_steps = 0.0, set()
         self._label_issues: LabelIssueReport | None = None  # the running report, during `train`
+        self._label_issue_auroc = False  # whether the epochs' ends merge the report for its AUROC, during `train`
         self._label_issue_results: tuple | None = None  # (the report as a Dataset, its summary) after `train`
-        self._ascent_predictions: torch.Tensor | None = None  # the predicted classes of the step's ascent at x
         if self._reports_label_issues():
             if self.train_dataset is not None:
                 ExampleIndexed(self.train_dataset)  # refuses, by name, a training set without positions
@@ -126,7 +126,6 @@ class SharpnessAwareMixin:
             inputs[NOISE_COLUMN] = noisy
         model.train()
         self.sharpness_step.seed = self.args.seed  # as the Trainer reads it, also when changed after construction
-        self._ascent_predictions = None
         reported: list[torch.Tensor] = []  # what the Trainer's own steps returned, and the losses they computed
         perturbed: list[torch.Tensor] = []
         clean = self.sharpness_step(
@@ -157,13 +156,8 @@ class SharpnessAwareMixin:
 
         def loss_fn(model, inputs, return_outputs=False):
             with self.compute_loss_context_manager(), self._side_effects_discarded():
-                result = self.compute_loss(model, dict(inputs), return_outputs=return_outputs,
-                                           num_items_in_batch=num_items_in_batch)
-            if return_outputs and self._label_issues is not None and torch.is_grad_enabled():
-                # RW-SAM's ascent at x: the step's only pass through its objective with gradient (its probes and
-                # checks run without), the forward its per-sample scores come from
-                self._ascent_predictions = model_logits(result[1]).detach().argmax(-1)
-            return result
+                return self.compute_loss(model, dict(inputs), return_outputs=return_outputs,
+                                         num_items_in_batch=num_items_in_batch)
 
         return loss_fn
 
@@ -277,6 +271,7 @@ class SharpnessAwareMixin:
 
         with restored(restore):
             self._label_issues = LabelIssueReport(len(ExampleIndexed(self.train_dataset)))
+            self._label_issue_auroc = _may_mark_noise(self.train_dataset)
             output = super().train(*args, **kwargs)
             self._finish_label_issues()
         return output
@@ -322,7 +317,7 @@ class SharpnessAwareMixin:
                 f"(the outputs of {type(self.accelerator.unwrap_model(self.model)).__name__} are not)."
             )
         labels = self.sharpness_step.per_sample_losses.labels(inputs)
-        self._label_issues.update(index, scores, labels, self._ascent_predictions, noisy)
+        self._label_issues.update(index, scores, labels, noisy)
 
     def _merged_label_issues(self) -> LabelIssueReport:
         """The report over every process (a collective)."""
@@ -345,8 +340,9 @@ class SharpnessAwareMixin:
                     f"{summary['threshold']}){auroc}; every example in {LABEL_ISSUES_CSV}.")
 
     def _log_label_issue_auroc(self) -> None:
-        """Logs ``label_issues/auroc`` when the training set marks its corrupted labels (``is_noisy``)."""
-        if self._label_issues is None:
+        """Logs ``label_issues/auroc`` when the training set marks its corrupted labels (``is_noisy``). One whose columns
+        show none skips the merge, a collective: the columns are the same on every process, so all of them skip it."""
+        if self._label_issues is None or not self._label_issue_auroc:
             return
         auroc = self._merged_label_issues().auroc()
         if auroc is not None:
@@ -388,6 +384,13 @@ class SharpnessAwareMixin:
     def _prepare_inputs(self, inputs):
         """The trainer's, minus the ``is_noisy`` and ``example_index`` columns (for diagnostics and the report)."""
         return super()._prepare_inputs({k: v for k, v in inputs.items() if k not in (NOISE_COLUMN, INDEX_COLUMN)})
+
+
+def _may_mark_noise(dataset) -> bool:
+    """Whether the rows of `dataset` may carry ``is_noisy``: its columns list it, or it lists none (not a
+    `datasets.Dataset`; its rows are not read, which could draw a random transform's numbers)."""
+    columns = getattr(dataset, "column_names", None)
+    return columns is None or NOISE_COLUMN in columns
 
 
 class _LabelIssueAUROC(TrainerCallback):

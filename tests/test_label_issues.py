@@ -26,6 +26,7 @@ from hf_rwsam import RWSAMConfig, RWSAMTrainer
 from hf_rwsam.columns import INDEX_COLUMN
 from hf_rwsam.data import ExampleIndexed, collate_images
 from hf_rwsam.label_issues import LABEL_ISSUES_CSV, THRESHOLD, LabelIssueReport
+from hf_rwsam.losses import classification_margins
 from hf_rwsam.sharpness.step import SampleScores
 
 from utils import TinyMLP, flat_params, front_matter, make_tensors, sgd_config, tensor_dataset
@@ -49,16 +50,31 @@ class RecordingTrainer(RWSAMTrainer):
         return loss
 
 
+class PredictionRecorder(RWSAMTrainer):
+    """Records, per example, the class a plain forward predicts at x on its latest visit (before the step: the
+    model's weights are x then; without dropout the step's own forward at x has the same logits)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.predicted = {}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with torch.no_grad():
+            predicted = model(inputs["x"])["logits"].argmax(1)
+        self.predicted.update(zip(inputs[INDEX_COLUMN].tolist(), predicted.tolist()))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
 def dataset(noisy=True):
     x, y = make_tensors(N, seed=3)
     return x, y, tensor_dataset(x, y, **({"is_noisy": NOISY} if noisy else {}))
 
 
-def trained(tmp_path, trainer_class=RecordingTrainer, noisy=True, **config):
+def trained(tmp_path, trainer_class=RecordingTrainer, noisy=True, dropout=0.2, **config):
     x, y, data = dataset(noisy)
     torch.manual_seed(0)
     settings = dict(sam_mode="rwsam", report_label_issues=True, per_device_train_batch_size=4, num_train_epochs=2)
-    trainer = trainer_class(model=TinyMLP(dropout=0.2), args=sgd_config(tmp_path, **{**settings, **config}),
+    trainer = trainer_class(model=TinyMLP(dropout=dropout), args=sgd_config(tmp_path, **{**settings, **config}),
                             train_dataset=data)
     trainer.train()
     return trainer, x, y
@@ -104,6 +120,26 @@ def test_every_example_is_scored_once_per_epoch_with_its_own_row_through_shuffli
         assert (by_index[i]["prediction"] == by_index[i]["label"]) == (last_margin[i] > 0), i
 
 
+def test_the_prediction_is_the_argmax_of_a_plain_forward_at_the_last_visit(tmp_path):
+    trainer, _, _ = trained(tmp_path, PredictionRecorder, dropout=0.0)
+    report = trainer.label_issues()
+    assert dict(zip(report["index"], report["prediction"])) == trainer.predicted
+    assert any(p != label for p, label in zip(report["prediction"], report["label"]))  # runner-ups among them
+
+
+def test_the_prediction_from_margin_and_runner_up_is_the_argmax_ties_included():
+    """Hand-made logits whose given label ties with other classes on either side, against `torch.argmax`."""
+    logits = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [3.0, 3.0, 3.0], [3.0, 3.0, 3.0],
+                           [0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [5.0, -1.0, 2.0]])
+    labels = torch.tensor([0, 1, 2, 1, 0, 2, 0, 1])
+    margins, runner_up = classification_margins(logits, labels)
+    report = LabelIssueReport(len(labels))
+    report.update(range(len(labels)), SampleScores(torch.zeros(8), torch.ones(8), torch.ones(8) / 8, margins,
+                                                   runner_up), labels)
+    assert (margins == 0).sum() == 5 and (margins > 0).sum() == 1 and (margins < 0).sum() == 2  # every case
+    assert report.predictions.tolist() == logits.argmax(1).tolist()
+
+
 def test_label_issues_and_the_csv_agree_most_suspicious_first(tmp_path):
     trainer, _, _ = trained(tmp_path)
     report = trainer.label_issues()
@@ -137,8 +173,17 @@ def test_keeping_the_report_changes_no_weight(tmp_path, estimator):
         without.label_issues()
 
 
-def test_auroc_is_logged_every_epoch_when_the_data_mark_their_corrupted_labels(tmp_path):
+def test_auroc_is_logged_every_epoch_when_the_data_mark_their_corrupted_labels(tmp_path, monkeypatch):
+    """... and without such marks, the epochs' ends merge nothing (a merge is a collective: several all-gathers)."""
+    merges, merged = [], LabelIssueReport.merged
+
+    def counted(self, gather):
+        merges.append(self.updates)
+        return merged(self, gather)
+
+    monkeypatch.setattr(LabelIssueReport, "merged", counted)
     trainer, _, _ = trained(tmp_path)
+    assert merges == [6, 12, 12]  # the two epochs' ends (6 micro-batches each), then the report's at the end
     logged = [e for e in trainer.state.log_history if "label_issues/auroc" in e]
     assert [e["epoch"] for e in logged] == [1.0, 2.0]
     report = trainer.label_issues()
@@ -147,7 +192,9 @@ def test_auroc_is_logged_every_epoch_when_the_data_mark_their_corrupted_labels(t
     pairs = [(s > c) + 0.5 * (s == c) for s in scores[noisy] for c in scores[~noisy]]
     assert logged[-1]["label_issues/auroc"] == pytest.approx(np.mean(pairs), abs=1e-12)
 
+    merges.clear()
     quiet, _, _ = trained(tmp_path / "no_record", noisy=False)
+    assert merges == [12]  # only the report's at the end
     assert not any("label_issues/auroc" in e for e in quiet.state.log_history)
     assert "is_noisy" not in quiet.label_issues().column_names
 
@@ -231,13 +278,13 @@ def test_refused_by_name_where_it_cannot_work(tmp_path):
 
 def test_report_merges_processes_and_rejects_what_is_not_one_micro_batch():
     """Two reports as two processes' (gather = stacking them), against the plain reference."""
-    scores = [SampleScores(torch.zeros(2), torch.ones(2), torch.full((2,), 0.5), torch.tensor(m))
-              for m in ([1.0, -2.0], [0.5, 3.0], [-1.0, 4.0], [2.0, 2.0])]
+    scores = [SampleScores(torch.zeros(2), torch.ones(2), torch.full((2,), 0.5), torch.tensor(m), torch.tensor(r))
+              for m, r in (([1.0, -2.0], [0, 0]), ([0.5, 3.0], [1, 2]), ([-1.0, 4.0], [2, 0]), ([2.0, 2.0], [1, 1]))]
     a, b = LabelIssueReport(4), LabelIssueReport(4)
-    a.update([0, 1], scores[0], torch.tensor([1, 2]), torch.tensor([1, 0]))
-    b.update([2, 3], scores[1], torch.tensor([0, 0]), torch.tensor([0, 0]))
-    a.update([3, 0], scores[2], torch.tensor([0, 1]), torch.tensor([2, 2]))
-    b.update([1, 2], scores[3], torch.tensor([2, 0]), torch.tensor([2, 0]))
+    a.update([0, 1], scores[0], torch.tensor([1, 2]))
+    b.update([2, 3], scores[1], torch.tensor([0, 0]))
+    a.update([3, 0], scores[2], torch.tensor([0, 1]))
+    b.update([1, 2], scores[3], torch.tensor([2, 0]))
     records = [[{"index": [0, 1], "margins": [1.0, -2.0]}, {"index": [3, 0], "margins": [-1.0, 4.0]}],
                [{"index": [2, 3], "margins": [0.5, 3.0]}, {"index": [1, 2], "margins": [2.0, 2.0]}]]
     for report in (a, b):
@@ -249,14 +296,43 @@ def test_report_merges_processes_and_rejects_what_is_not_one_micro_batch():
         merged = report.merged(gather)
         np.testing.assert_allclose(merged.scores(), reference_scores(records, 4), rtol=1e-15)
         assert merged.visits.tolist() == [2, 2, 2, 2]
-        assert merged.predictions.tolist() == [2, 2, 0, 2]  # each example's latest visit (step 2 everywhere)
+        # each example's latest visit (step 2 everywhere): the label where its margin is positive, else the runner-up
+        assert merged.predictions.tolist() == [1, 2, 0, 2]
         assert merged.labels.tolist() == [1, 2, 0, 0]
     with pytest.raises(ValueError, match="3 indices but 2 margins"):
         a.update([0, 1, 2], scores[0], torch.tensor([1, 2, 0]))
     with pytest.raises(ValueError, match=r"positions in the training set, 0 \.\. 3; got 2 \.\. 4"):
         a.update([2, 4], scores[0], torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="needs a classifier"):
-        a.update([0, 1], SampleScores(torch.zeros(2), torch.ones(2), torch.ones(2) / 2, None), torch.tensor([1, 2]))
+        a.update([0, 1], SampleScores(torch.zeros(2), torch.ones(2), torch.ones(2) / 2, None, None),
+                 torch.tensor([1, 2]))
+
+
+def test_an_update_leaves_the_report_on_the_margins_device_and_reads_nothing_back():
+    """The meta device stands in for an accelerator: its tensors hold no values, so reading one back (a range check,
+    a copy to the CPU) fails there. After the first update (indices from the CPU, as a plain loop's, checked there),
+    updates with the device's indices run there; a report loaded from its CPU state moves back on its next update."""
+    meta = torch.device("meta")
+
+    def scores(b):
+        return SampleScores(*(torch.zeros(b, device=meta) for _ in range(4)),
+                            torch.zeros(b, dtype=torch.int64, device=meta))
+
+    def devices(report):
+        return {value.device for value in vars(report).values() if isinstance(value, torch.Tensor)}
+
+    labels = torch.zeros(2, dtype=torch.int64, device=meta)
+    report = LabelIssueReport(4)
+    report.update([0, 1], scores(2), labels)
+    assert devices(report) == {meta}
+    report.update(torch.tensor([2, 3], device=meta), scores(2), labels, torch.ones(2, device=meta))
+    assert devices(report) == {meta} and report.updates == 2
+
+    restored = LabelIssueReport(4)
+    restored.load_state_dict(LabelIssueReport(4).state_dict())
+    assert devices(restored) == {torch.device("cpu")}
+    restored.update([1, 2], scores(2), labels)
+    assert devices(restored) == {meta}
 
 
 # ---------------------------------------------------------------------------------------------------------- DDP

@@ -484,3 +484,23 @@ def test_fd_probes_of_shards_shift_every_coordinate_by_h_over_the_root_of_the_wh
         shift = torch.cat([t.reshape(-1) for t in probe]).abs()
         assert torch.allclose(shift, torch.full_like(shift, 0.5 / math.sqrt(100)))
     assert all(torch.equal(s, torch.zeros_like(s)) for s in shards)  # and back at x
+
+
+def test_fd_directions_reuse_their_buffers_for_the_same_list_and_follow_another_list():
+    """`RademacherDirections.shifted` gives ``x + alpha z`` laid out like the list it is handed: the same list again
+    reuses the buffers; another list (FSDP's shards are a new one every step) is looked at anew, whether it has the
+    same layout with other values or another layout. Integer-valued parameters: ``x +- 0.5`` is exact in fp32 and
+    fp64."""
+    from hf_rwsam.sharpness.estimators.fd import RademacherDirections
+
+    directions, generator = RademacherDirections(), torch.Generator().manual_seed(0)
+    first = [torch.arange(12.0).view(3, 4), torch.arange(5.0)]
+    again = directions.shifted(first, 0.5, generator)
+    assert [v.data_ptr() for v in directions.shifted(first, 0.5, generator)] == [v.data_ptr() for v in again]
+    same_layout = [t + 10 for t in first]
+    other_layout = [torch.arange(4.0).view(2, 2), torch.arange(7, dtype=torch.float64), torch.arange(3.0)]
+    for params in (first, same_layout, other_layout):
+        shifted = directions.shifted(params, 0.5, generator)
+        assert [(v.shape, v.dtype) for v in shifted] == [(p.shape, p.dtype) for p in params]
+        for v, p in zip(shifted, params):
+            assert torch.equal((v - p).abs(), torch.full_like(p, 0.5))

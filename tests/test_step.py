@@ -377,8 +377,8 @@ def test_a_causal_lms_loss_in_a_plain_loop_is_met_with_the_advice_to_shift_the_l
 
 
 def test_rwsam_exposes_each_samples_loss_norm_weight_and_margin_after_the_step():
-    """`sample_scores` after an RW-SAM step: the per-sample losses and margins of the batch at x (computed plainly here),
-    the norms the weights came from, and weights summing to 1 in the batch's order."""
+    """`sample_scores` after an RW-SAM step: the per-sample losses, margins and runner-up classes of the batch at x
+    (computed plainly here), the norms the weights came from, and weights summing to 1 in the batch's order."""
     import torch.nn.functional as F
 
     from hf_rwsam.sharpness import SharpnessAwareStep, SharpnessSettings
@@ -402,5 +402,6 @@ def test_rwsam_exposes_each_samples_loss_norm_weight_and_margin_after_the_step()
     others = logits.clone()
     others[torch.arange(8), y] = float("-inf")
     torch.testing.assert_close(scores.margins, logits[torch.arange(8), y] - others.max(1).values)
+    assert scores.runner_up.tolist() == others.argmax(1).tolist()
     torch.testing.assert_close(scores.weights, torch.softmax(2.0 * scores.norms / scores.norms.mean(), 0))
     assert scores.norms.shape == (8,) and not scores.norms.requires_grad

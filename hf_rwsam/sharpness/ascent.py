@@ -30,13 +30,16 @@ from .settings import SharpnessSettings
 @dataclass
 class SampleScores:
     """What an RW-SAM step knows of each sample of its micro-batch (this process's rows, in the batch's order), all
-    fp32 ``[b]`` and detached: the per-sample loss at ``x``, the gradient norm estimate ``n_i``, the Gibbs weight
-    ``p_i`` and, for classifiers, the margin of the given label's logit over the largest other one (None otherwise)."""
+    ``[b]`` and detached: the per-sample loss at ``x``, the gradient norm estimate ``n_i``, the Gibbs weight ``p_i``
+    (fp32) and, for classifiers, the margin of the given label's logit over the largest other one (fp32) and that
+    other class, the runner-up (int64), from the forward at ``x`` (`hf_rwsam.losses.classification_margins`; both None
+    otherwise). The predicted class is the given label where the margin is positive, the runner-up where negative."""
 
     losses: torch.Tensor
     norms: torch.Tensor
     weights: torch.Tensor
     margins: torch.Tensor | None
+    runner_up: torch.Tensor | None
 
 
 class LossAscent:
@@ -88,14 +91,14 @@ class ReweightedAscent:
                 "under no_grad when asked for outputs). Use sam_mode='sam' or 'msam' with this trainer."
             )
         self.losses.check(ctx, outputs, losses, value)
-        margins = classification_margins(outputs, self.losses.labels(ctx.inputs))
+        margins, runner_up = classification_margins(outputs, self.losses.labels(ctx.inputs)) or (None, None)
         del outputs
         norms = self._gathered(ctx, estimator.norms(ctx, losses))
         weights, lam = gibbs_weights(norms, s.rwsam_lambda, s.rwsam_normalize, s.rwsam_target_ess, s.rwsam_max_weight,
                                      return_lambda=True)
         self._log(ctx, weights, lam)
         weights = self._local(ctx, weights)
-        self.scores = SampleScores(losses.detach(), self._local(ctx, norms), weights, margins)
+        self.scores = SampleScores(losses.detach(), self._local(ctx, norms), weights, margins, runner_up)
         # the loss detached: the ascent's graph (kept by the exact estimator) is freed before the descent allocates
         return value.detach(), estimator.weighted_gradient(ctx, weights, losses)
 

@@ -73,8 +73,8 @@ class SharpnessAwareStep:
     Call it as ``step(model, inputs, loss_fn, descent=None, *, global_step=None, reference_loss_fn=None)``: see
     `__call__`. `pop_metrics` returns the diagnostics averaged since the last call. A save made during a step (from a
     signal handler, or a callback in the descent) goes inside ``with step.original_parameters():`` to write ``x``.
-    After each RW-SAM micro-batch, `sample_scores` holds its samples' losses, norm estimates, weights and margins
-    (`SampleScores`), for a loop that reports on individual samples (mislabeled ones, say).
+    After each RW-SAM micro-batch, `sample_scores` holds its samples' losses, norm estimates, weights, margins and
+    runner-up classes (`SampleScores`), for a loop that reports on individual samples (mislabeled ones, say).
     """
 
     def __init__(
@@ -103,7 +103,8 @@ class SharpnessAwareStep:
 
     @property
     def sample_scores(self) -> SampleScores | None:
-        """The last RW-SAM micro-batch's per-sample losses, norms, weights and margins (None before, or in SAM)."""
+        """The last RW-SAM micro-batch's per-sample losses, norms, weights, margins and runner-ups (None before, or in
+        SAM)."""
         return getattr(self.ascent, "scores", None)
 
     # ------------------------------------------------------------------ the step

@@ -90,14 +90,24 @@ class RademacherDirections:
     tensor by tensor took ~13 per tensor, 800 for resnet18). ``alpha * z`` is exact, so in fp32 the result equals
     ``x.add(z, alpha=alpha)`` bit for bit. The buffers (``d`` numbers, and ``d / 32`` words) and their views shaped
     like the parameters are made on the first call and reused while the parameters keep their shapes and dtypes.
+    The list of parameters handed in again (the same object, not edited in place) is taken to hold the same ones.
     """
 
     def __init__(self):
+        self._params: Sequence[torch.Tensor] | None = None  # the last call's list, and its length then
+        self._length = 0
         self._layout: list[tuple] | None = None
         self._members: list[list[int]] = []  # group g holds the parameters params[i] for i in _members[g]
         self._groups: list[_SignGroup] = []
 
     def _arrange(self, params: Sequence[torch.Tensor]) -> None:
+        """Groups `params` and lays the buffers out like them, unless they are the last call's list. The step hands
+        the same list Q + 1 times a step (``ctx.params.tensors``), and from step to step as long as the host finds the
+        same parameters on the same storage, with the same shapes (`LocalParameters.same_as`: a change of dtype or
+        device moves the storage); FSDP's shards are a new list every step. The list is held here, so no other list
+        can take its identity."""
+        if params is self._params and len(params) == self._length:
+            return
         layout = [(p.shape, p.dtype, p.device) for p in params]
         if layout != self._layout:
             keys = list(dict.fromkeys((p.device, p.dtype) for p in params))
@@ -106,6 +116,7 @@ class RademacherDirections:
             self._layout = layout
         for group, members in zip(self._groups, self._members):
             group.params = [params[i] for i in members]
+        self._params, self._length = params, len(params)
 
     def storage(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The buffers' views laid out like `params`: free for other values between draws (RW-SAM puts ``x + e`` there,
