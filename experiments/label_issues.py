@@ -29,14 +29,15 @@ each with probability 0.4). There is no augmentation and no test split: the exam
 ``--select`` trains RW-SAM (fd and exact, both numbers of epochs) on other labels (30% symmetric and 30% asymmetric
 noise, noise seed 1, training seed 100) and prints the AUROC of every candidate summary of the per-sample scores and
 of threshold rules: the measurement behind the summary `hf_rwsam.label_issues` keeps. Results go to
-``experiments/results/label_issues.json`` (``label_issues_select.json``) and a plot; ``--from_json`` redoes the
-tables and plot.
+``experiments/results/label_issues.json.gz`` (``label_issues_select.json.gz``; numbers to 6 significant digits) and a
+plot; ``--from_json`` redoes the tables and plot.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import json
 import os
 import shlex
@@ -155,8 +156,10 @@ def sgd_run(settings: dict, job: dict) -> dict:
 
 
 def fold_run(settings: dict, job: dict) -> dict:
-    """cleanlab's fold k: SGD on the other folds, class probabilities on fold k; also after each epoch (the curve),
-    whose inference time is taken out of the training's CPU seconds."""
+    """cleanlab's fold k: SGD on the other folds, class probabilities on fold k; after each epoch (the curve), cleanlab's
+    label quality of fold k (self-confidence, the given label's probability: per example, so the folds' values
+    together are cleanlab's), whose inference time is taken out of the training's CPU seconds."""
+    from cleanlab.rank import get_label_quality_scores
     from sklearn.model_selection import StratifiedKFold
 
     train = noisy_dataset(settings, job["dataset"], job["noise"], job["noise_seed"])
@@ -168,11 +171,11 @@ def fold_run(settings: dict, job: dict) -> dict:
     def probabilities():
         return torch.softmax(torch.as_tensor(trainer.predict(held_out_data).predictions), -1).tolist()
 
-    curve = EpochReads(probabilities)
+    curve = EpochReads(lambda: get_label_quality_scores(labels[held_out], np.asarray(probabilities())).tolist())
     trainer.add_callback(curve)
     _, cpu, wall = timed(trainer.train)
     probs, cpu_inference, wall_inference = timed(probabilities)
-    return {"held_out": held_out.tolist(), "pred_probs": probs, "probs_by_epoch": curve.reads,
+    return {"held_out": held_out.tolist(), "pred_probs": probs, "quality_by_epoch": curve.reads,
             "cpu_s": cpu - curve.cpu_s, "wall_s": wall - curve.wall_s, "inference_cpu_s": cpu_inference,
             "inference_wall_s": wall_inference}
 
@@ -328,12 +331,33 @@ def run_all(settings: dict, jobs: list[dict], workers: int, partial: Path | None
         with tqdm(total=len(jobs), desc="runs") as progress:
             for future in as_completed(futures):
                 i = futures[future]
-                results[i] = future.result()
+                results[i] = significant(future.result())
                 if partial is not None:
-                    partial.write_text(json.dumps({"settings": settings, "results": [r for r in results if r]}))
+                    write_record(partial, {"settings": settings, "results": [r for r in results if r]})
                 progress.write(f"{describe(jobs[i])}: {results[i]['cpu_s']:.0f} CPU s, {results[i]['wall_s']:.0f} s")
                 progress.update()
     return results
+
+
+def significant(value, digits: int = 6):
+    """`value` with every float rounded to `digits` significant digits (the record's size; AUROC moves by < 1e-5)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, list):
+        return [significant(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: significant(v, digits) for k, v in value.items()}
+    return value
+
+
+def write_record(path: Path, record: dict) -> None:
+    with gzip.open(path, "wt") as f:
+        json.dump(record, f)
+
+
+def read_record(path: Path) -> dict:
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
 
 
 def describe(job: dict) -> str:
@@ -377,8 +401,8 @@ def evaluate(settings: dict, results: list[dict]) -> list[dict]:
         for epochs in sorted({r["epochs"] for r in mine if r["kind"] == "fold"}, reverse=True):
             folds = [r for r in mine if r["kind"] == "fold" and r["epochs"] == epochs]
             probs = cross_validated(folds, len(labels))
-            curve = [[e, detection(cleanlab_scores(labels, cross_validated(folds, len(labels), e)), noisy)["auroc"]]
-                     for e, _ in folds[0]["probs_by_epoch"]]
+            curve = [[e, detection(1 - held_out_quality(folds, len(labels), e), noisy)["auroc"]]
+                     for e, _ in folds[0]["quality_by_epoch"]]
             mine_rows.append({**base, "method": "cleanlab (5-fold CV)", "epochs": epochs, "curve": curve,
                               "cpu_s": sum(r["cpu_s"] + r["inference_cpu_s"] for r in folds),
                               **detection(cleanlab_scores(labels, probs), noisy),
@@ -400,12 +424,20 @@ def evaluate(settings: dict, results: list[dict]) -> list[dict]:
     return rows
 
 
-def cross_validated(folds: list[dict], n: int, epoch: float | None = None) -> np.ndarray:
-    """The folds' held-out class probabilities in one ``[n, 10]`` array: the final ones, or those read after `epoch`."""
+def cross_validated(folds: list[dict], n: int) -> np.ndarray:
+    """The folds' held-out class probabilities in one ``[n, 10]`` array."""
     probs = np.zeros((n, 10))
     for r in folds:
-        probs[r["held_out"]] = r["pred_probs"] if epoch is None else dict(map(tuple, r["probs_by_epoch"]))[epoch]
+        probs[r["held_out"]] = r["pred_probs"]
     return probs
+
+
+def held_out_quality(folds: list[dict], n: int, epoch: float) -> np.ndarray:
+    """cleanlab's label quality of every example after `epoch`, each from the fold that held it out."""
+    quality = np.zeros(n)
+    for r in folds:
+        quality[r["held_out"]] = dict(map(tuple, r["quality_by_epoch"]))[epoch]
+    return quality
 
 
 def cleanlab_scores(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -422,7 +454,8 @@ METRICS = ("auroc", "precision_at_k", "flagged", "flag_precision", "flag_recall"
 
 def averaged(rows: list[dict]) -> list[dict]:
     """The rows averaged over seeds (``<metric>`` the mean, ``<metric>_ci`` the half-width of its 95% t interval, 0
-    for one seed), per (dataset, noise, method, epochs), in the order of `METHODS`, longer trainings first."""
+    for one seed, ``<metric>_range`` the seeds' lowest and highest), per (dataset, noise, method, epochs), in the order
+    of `METHODS`, longer trainings first."""
     from stats import t_interval
 
     groups: dict = {}
@@ -435,8 +468,10 @@ def averaged(rows: list[dict]) -> list[dict]:
         mean = {**{k: group[0][k] for k in ("dataset", "noise", "method", "epochs", "num_noisy")}, "seeds": len(group)}
         for metric in METRICS:
             if metric in group[0]:
-                interval = t_interval([float(r[metric]) for r in group])
+                values = [float(r[metric]) for r in group]
+                interval = t_interval(values)
                 mean[metric], mean[f"{metric}_ci"] = interval["mean"], interval["half_width"]
+                mean[f"{metric}_range"] = [min(values), max(values)]
         if "curve" in group[0]:
             epochs = [e for e, _ in group[0]["curve"]]
             mean["curve"] = [[e, float(np.mean([dict(map(tuple, r["curve"]))[e] for r in group]))] for e in epochs]
@@ -466,8 +501,8 @@ def goal(rows: list[dict]) -> str:
         cleanlab = max((r for r in mine if r["method"].startswith("cleanlab")), key=lambda r: r["epochs"])
         cheap = [r for r in mine if "report" in r["method"] and r["cost_vs_cleanlab"] <= 0.2]
         best = max(cheap, key=lambda r: r["auroc"], default=None)
-        best_cell = ("none that cheap" if best is None else
-                     f"{best['auroc']:.4f} ({best['method']}, {best['epochs']:g} epochs, {best['cost_vs_cleanlab']:.2f}x)")
+        best_cell = "none that cheap" if best is None else (
+            f"{best['auroc']:.4f} ({best['method']}, {best['epochs']:g} epochs, {best['cost_vs_cleanlab']:.2f}x)")
         met = best is not None and best["auroc"] >= cleanlab["auroc"]
         matched = []
         for folds in sorted((r for r in mine if r["method"].startswith("cleanlab")), key=lambda r: -r["epochs"]):
@@ -482,8 +517,9 @@ def goal(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """AUROC against cost, one panel per (dataset, noise): every method's runs, and the longer runs read after each
-    epoch (their report, or AUM, at that point; the schedule is the full run's)."""
+    """AUROC against cost, one panel per (dataset, noise): every method's runs (the mean over seeds, bars from the
+    lowest to the highest seed), and the longer runs read after each epoch (their report, AUM or cleanlab's held-out
+    probabilities at that point; the schedule is the full run's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -500,7 +536,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         longest = {m: max(r["epochs"] for r in mine if r["method"] == m) for m in styles}
         for r in mine:
             color, marker = styles[r["method"]]
-            ax.errorbar(r["cpu_s"], r["auroc"], yerr=r["auroc_ci"], marker=marker, color=color, ms=9, capsize=3,
+            low, high = r["auroc_range"]
+            ax.errorbar(r["cpu_s"], r["auroc"], yerr=[[r["auroc"] - low], [high - r["auroc"]]], marker=marker,
+                        color=color, ms=9, capsize=3,
                         ls="none", label=r["method"] if ax is axes.flat[0] and r["epochs"] == longest[r["method"]]
                         else None, mfc=color if r["epochs"] == longest[r["method"]] else "white")
             if r.get("curve") and r["epochs"] == longest[r["method"]]:
@@ -592,7 +630,7 @@ def main():
     name = "label_issues_select" if args.select else "label_issues"
     args.results_dir.mkdir(parents=True, exist_ok=True)
     if args.from_json:
-        record = json.loads(Path(args.from_json).read_text())
+        record = read_record(Path(args.from_json))
         settings = record["settings"]
     else:
         settings = {k: v for k, v in vars(args).items() if k not in ("from_json", "results_dir")}
@@ -600,13 +638,13 @@ def main():
                         image_size={"mnist": args.mnist_size, "digits": args.digits_size},
                         sizes={"mnist": 5000 * args.mnist_size ** 2, "digits": 1797 * args.digits_size ** 2})
         start = time.perf_counter()
-        partial = args.results_dir / f"{name}.partial.json"
+        partial = args.results_dir / f"{name}.partial.json.gz"
         results = run_all(settings, jobs_for(args), args.workers, partial)
         partial.unlink()
         record = {"command": "python " + shlex.join(sys.argv), "settings": settings, "results": results,
                   "wall_s": time.perf_counter() - start,
                   "cpu_s": sum(r["cpu_s"] + r.get("inference_cpu_s", 0.0) for r in results)}
-        (args.results_dir / f"{name}.json").write_text(json.dumps(record))
+        write_record(args.results_dir / f"{name}.json.gz", record)
     print(f"\n{record['command']}: {record['wall_s'] / 60:.1f} min wall, {record['cpu_s'] / 60:.1f} CPU min in all\n")
     if settings["select"]:
         print(selection_table(settings, record["results"]))
@@ -614,7 +652,7 @@ def main():
     rows = averaged(evaluate(settings, record["results"]))
     plot(rows, args.results_dir / f"{name}.png",
          f"{settings['model']}, b={settings['batch_size']}, {settings['epochs']:g} epochs (reports and AUM also "
-         f"{settings['short_epochs']:g}), mean, 95% t interval over {settings['seeds']} seeds")
+         f"{settings['short_epochs']:g}), mean over {settings['seeds']} seeds, bars: their range")
     print(table(rows))
     print()
     print(goal(rows))

@@ -231,8 +231,9 @@ def test_label_issues_scores_every_method_against_the_corrupted_labels_and_repla
 
     out = run_subprocess("label_issues.py", "--datasets", "digits", "--noises", "asym40", "--epochs", "1",
                      "--short_epochs", "1", "--seeds", "1", "--workers", "1", "--results_dir", str(tmp_path))
-    record = json.loads((tmp_path / "label_issues.json").read_text())
-    assert (tmp_path / "label_issues.png").stat().st_size > 0 and not (tmp_path / "label_issues.partial.json").exists()
+    record = label_issues.read_record(tmp_path / "label_issues.json.gz")
+    assert (tmp_path / "label_issues.png").stat().st_size > 0
+    assert not (tmp_path / "label_issues.partial.json.gz").exists()
     results = record["results"]
     assert sorted(r["kind"] for r in results) == ["fold"] * 5 + ["report"] * 2 + ["sgd"]
 
@@ -269,6 +270,6 @@ def test_label_issues_scores_every_method_against_the_corrupted_labels_and_repla
     assert by_method["RW-SAM fd report"]["cost_vs_cleanlab"] == pytest.approx(report["cpu_s"] / cleanlab["cpu_s"])
 
     table = out[out.index("| data |"):]
-    replayed = run_subprocess("label_issues.py", "--from_json", str(tmp_path / "label_issues.json"),
+    replayed = run_subprocess("label_issues.py", "--from_json", str(tmp_path / "label_issues.json.gz"),
                           "--results_dir", str(tmp_path / "again"))
     assert replayed[replayed.index("| data |"):] == table
