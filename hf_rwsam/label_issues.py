@@ -11,7 +11,14 @@ eighth power of the step ``t_v`` at which they happen::
 so that later, more informative visits count more without knowing when training will end: whenever the report is
 read, the last tenth of the steps so far holds 61% of the weight (``1 - 0.9^9``). An example is flagged when
 ``score_i > 0``: on average, its given label lost to another class. Both were chosen on separate noisy runs
-(experiments/RESULTS.md, "Choosing the summary and the threshold"; `experiments/label_issues.py --select`): SELECTION
+(experiments/RESULTS.md, "Choosing the summary and the threshold"; `experiments/label_issues.py --select`: MNIST and
+digits, 30% symmetric and asymmetric noise, 5 and 15 epochs): this summary had AUROC 0.85-0.997, against 0.68-0.99
+for RW-SAM's own gradient-norm summaries (normalised norm, Gibbs weight, rank in the batch) and 0.75-0.99 for the
+plain mean margin; weights ``t^8`` beat ``t`` in 14 of 16 runs (by up to 0.05 after 5 epochs) and ``t^16`` did no
+better. ``score > 0`` recalls 82-99% of the corrupted labels; it flags more examples than are corrupted when the
+model is undertrained (1.2x after 15 epochs on MNIST, 1.9-2.6x after 5), when it also disagrees with clean labels:
+rank by the score where precision matters. A two-component Gaussian mixture on the scores (as DivideMix splits
+losses) flagged 4-6x too many under the asymmetric noise.
 
 Memory is O(N) for N examples (a few numbers each); every process keeps the examples it saw, and `merged` adds them
 up over processes. The report lives on the device of the margins it is given (float64 sums; on MPS, which has no
@@ -43,9 +50,10 @@ STEP_POWER = 8
 
 THRESHOLD = 0.0
 THRESHOLD_RULE = (
-    "0 was chosen on separate noisy runs (digits, 30% symmetric and 30% asymmetric noise; hf_rwsam/label_issues.py), "
-    "where it flagged about as many examples as were corrupted, and a two-component Gaussian mixture split of the "
-    "scores several times too many under the asymmetric noise"
+    "0 was chosen on separate noisy runs (MNIST and digits, 30% symmetric and asymmetric noise; "
+    "experiments/label_issues.py --select), where it recalled 82-99% of the corrupted labels and flagged 1.0-1.2x "
+    "their number after 15 epochs (more when the model is undertrained: rank by the score where precision "
+    "matters), and a two-component Gaussian mixture split of the scores 4-6x too many under the asymmetric noise"
 )
 """How `THRESHOLD` was chosen, for the model card."""
 
@@ -152,7 +160,7 @@ class LabelIssueReport:
         return merged
 
     def scores(self) -> np.ndarray:
-        """Per example, minus its step-weighted (``t^8``) mean margin (higher: more likely mislabeled); NaN if unseen."""
+        """Per example, minus its ``t^8``-weighted mean margin (higher: more likely mislabeled); NaN if unseen."""
         weights = self.weight_sums.cpu().numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(weights > 0, self.score_sums.cpu().numpy() / weights, np.nan)
