@@ -16,15 +16,15 @@ with the same recipe (SGD, momentum 0.9, cosine, batch 64) through `RWSAMTrainer
   largest other one, taken from the training forward;
 - **small loss**: the final SGD model's loss on the given label (eval mode, one inference pass over the data).
 
-Every method runs at the full number of epochs (``--epochs``) and at a reduced one (``--short_epochs``, chosen so that
-a report costs at most a fifth of cleanlab at the full number), each with its own cosine schedule; the longer runs are
-also read after every epoch (the curves; the folds predict their held-out fifth then, and that inference is not
-counted). Reported per method: the AUROC against the corrupted labels, the precision among the K top-scored examples
-where K is the true number of corrupted labels, their means over training seeds with 95% t intervals
+Every method runs at the full number of epochs (``--epochs``) and at a reduced one (``--short_epochs``, chosen so that a
+report costs at most a fifth of cleanlab at the full number), each with its own cosine schedule; every run is also read
+after each epoch (the folds predict their held-out fifth then, and that inference is not counted; the plot draws the
+longer runs' reads). Reported per method: the AUROC against the corrupted labels, the precision among the K top-scored
+examples where K is the true number of corrupted labels, their means over training seeds with 95% t intervals
 (`stats.t_interval`), and the cost: CPU seconds of training plus inference, each run in a one-thread worker (CPU time
 does not count the waits of a shared machine). The labels are corrupted once per dataset and noise
-(`hf_rwsam.data.add_label_noise`, noise seed 0; asymmetric: Patrini et al.'s MNIST flips 2->7, 3->8, 5<->6, 7->1,
-each with probability 0.4). There is no augmentation and no test split: the examples scored are the training ones.
+(`hf_rwsam.data.add_label_noise`, noise seed 0; asymmetric: Patrini et al.'s MNIST flips 2->7, 3->8, 5<->6, 7->1, each
+with probability 0.4). There is no augmentation and no test split: the examples scored are the training ones.
 
 ``--select`` trains RW-SAM (fd and exact, both numbers of epochs) on other labels (30% symmetric and 30% asymmetric
 noise, noise seed 1, training seed 100) and prints the AUROC of every candidate summary of the per-sample scores and
@@ -156,9 +156,9 @@ def sgd_run(settings: dict, job: dict) -> dict:
 
 
 def fold_run(settings: dict, job: dict) -> dict:
-    """cleanlab's fold k: SGD on the other folds, class probabilities on fold k; after each epoch (the curve), cleanlab's
-    label quality of fold k (self-confidence, the given label's probability: per example, so the folds' values
-    together are cleanlab's), whose inference time is taken out of the training's CPU seconds."""
+    """cleanlab's fold k: SGD on the other folds, class probabilities on fold k; after each epoch (the curve),
+    cleanlab's label quality of fold k (self-confidence, the given label's probability: per example, so the folds'
+    values together are cleanlab's), whose inference time is taken out of the training's CPU seconds."""
     from cleanlab.rank import get_label_quality_scores
     from sklearn.model_selection import StratifiedKFold
 
@@ -615,7 +615,7 @@ def main():
     parser.add_argument("--mnist_size", type=int, default=28)
     parser.add_argument("--digits_size", type=int, default=16)
     parser.add_argument("--epochs", type=float, default=15, help="every training, cleanlab's folds included")
-    parser.add_argument("--short_epochs", type=float, default=5, help="the reduced budget of the reports and AUM")
+    parser.add_argument("--short_epochs", type=float, default=5, help="every method's reduced budget")
     parser.add_argument("--seeds", type=int, default=2, help="training seeds (the corrupted labels stay the same)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.2)
@@ -651,7 +651,7 @@ def main():
         return
     rows = averaged(evaluate(settings, record["results"]))
     plot(rows, args.results_dir / f"{name}.png",
-         f"{settings['model']}, b={settings['batch_size']}, {settings['epochs']:g} epochs (reports and AUM also "
+         f"{settings['model']}, b={settings['batch_size']}, {settings['epochs']:g} epochs (every method also "
          f"{settings['short_epochs']:g}), mean over {settings['seeds']} seeds, bars: their range")
     print(table(rows))
     print()

@@ -39,7 +39,7 @@ from .cards import render_model_card
 from .columns import INDEX_COLUMN, NOISE_COLUMN
 from .config import RWSAMConfig, check_trainer_setup, check_training_arguments
 from .data import ExampleIndexed, label_noise_info
-from .label_issues import LABEL_ISSUES_CSV, LabelIssueReport
+from .label_issues import LABEL_ISSUES_CSV, STEP_POWER, LabelIssueReport
 from .losses import PerSampleLossFunc, per_sample_loss
 from .sharpness import AccelerateHost, SharpnessAwareStep, SharpnessSettings
 from .sharpness.state import restored
@@ -317,10 +317,13 @@ class SharpnessAwareMixin:
                 f"(the outputs of {type(self.accelerator.unwrap_model(self.model)).__name__} are not)."
             )
         labels = self.sharpness_step.per_sample_losses.labels(inputs)
-        self._label_issues.update(index, scores, labels, noisy)
+        self._label_issues.update(index, scores, labels, noisy=noisy)
 
     def _merged_label_issues(self) -> LabelIssueReport:
-        """The report over every process (a collective)."""
+        """The report over every process (a collective; one process merges with itself, with no device round trip,
+        which on MPS could not hold the float64 sums)."""
+        if self.accelerator.num_processes == 1:
+            return self._label_issues.merged(lambda values: values)
         device = self.args.device
         return self._label_issues.merged(lambda values: self.accelerator.gather(values.to(device)).cpu())
 
@@ -340,8 +343,9 @@ class SharpnessAwareMixin:
                     f"{summary['threshold']}){auroc}; every example in {LABEL_ISSUES_CSV}.")
 
     def _log_label_issue_auroc(self) -> None:
-        """Logs ``label_issues/auroc`` when the training set marks its corrupted labels (``is_noisy``). One whose columns
-        show none skips the merge, a collective: the columns are the same on every process, so all of them skip it."""
+        """Logs ``label_issues/auroc`` when the training set marks its corrupted labels (``is_noisy``). One whose
+        columns show none skips the merge, a collective: the columns are the same on every process, so all of them skip
+        it."""
         if self._label_issues is None or not self._label_issue_auroc:
             return
         auroc = self._merged_label_issues().auroc()
@@ -368,6 +372,11 @@ class SharpnessAwareMixin:
                            "report_label_issues): the report covers only the steps after the resume.")
             return
         state = torch.load(path, weights_only=True)
+        if state.get("step_power", 1) != STEP_POWER:
+            logger.warning(f"The label-issue report in {resume_from_checkpoint} weighs visits by t^"
+                           f"{state.get('step_power', 1)}, this version by t^{STEP_POWER}: the report starts again and "
+                           "covers only the steps after the resume.")
+            return
         if self.accelerator.process_index == 0:  # the saved report is every process's: it is counted once
             self._label_issues.load_state_dict(state)
         else:

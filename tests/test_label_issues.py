@@ -308,6 +308,27 @@ def test_report_merges_processes_and_rejects_what_is_not_one_micro_batch():
                  torch.tensor([1, 2]))
 
 
+def test_a_saved_report_continues_from_copies_and_refuses_another_step_weighting():
+    """A resumed report goes on from the saved sums (a later update leaves the saved tensors as they were), and a
+    report saved with visits weighted by another power of the step (as before the t^8 weighting) is refused."""
+    scores = SampleScores(torch.zeros(2), torch.ones(2), torch.full((2,), 0.5), torch.tensor([1.0, -2.0]),
+                          torch.tensor([0, 0]))
+    report = LabelIssueReport(3)
+    report.update([0, 1], scores, torch.tensor([1, 2]))
+    state = report.state_dict()
+    saved = {name: value.clone() for name, value in state.items() if isinstance(value, torch.Tensor)}
+    resumed = LabelIssueReport(3)
+    resumed.load_state_dict(state)
+    resumed.update([1, 2], scores, torch.tensor([2, 0]))  # step 2: weight 2^8
+    for name, value in saved.items():
+        assert torch.equal(state[name], value), name
+    # -sum_v t^8 m / sum_v t^8 written out: example 1 has m = -2 at step 1 and m = 1 at step 2, the others one visit
+    expected = {0: -1.0, 1: (1**8 * 2.0 - 2**8 * 1.0) / (1**8 + 2**8), 2: 2.0}
+    np.testing.assert_allclose(resumed.scores(), [expected[i] for i in range(3)], rtol=1e-15)
+    with pytest.raises(ValueError, match=r"weighs a visit at step t by t\^1, this version by t\^8"):
+        LabelIssueReport(3).load_state_dict({k: v for k, v in state.items() if k != "step_power"})
+
+
 def test_an_update_leaves_the_report_on_the_margins_device_and_reads_nothing_back():
     """The meta device stands in for an accelerator: its tensors hold no values, so reading one back (a range check,
     a copy to the CPU) fails there. After the first update (indices from the CPU, as a plain loop's, checked there),
@@ -325,7 +346,7 @@ def test_an_update_leaves_the_report_on_the_margins_device_and_reads_nothing_bac
     report = LabelIssueReport(4)
     report.update([0, 1], scores(2), labels)
     assert devices(report) == {meta}
-    report.update(torch.tensor([2, 3], device=meta), scores(2), labels, torch.ones(2, device=meta))
+    report.update(torch.tensor([2, 3], device=meta), scores(2), labels, noisy=torch.ones(2, device=meta))
     assert devices(report) == {meta} and report.updates == 2
 
     restored = LabelIssueReport(4)

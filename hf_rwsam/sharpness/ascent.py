@@ -39,7 +39,7 @@ class SampleScores:
     norms: torch.Tensor
     weights: torch.Tensor
     margins: torch.Tensor | None
-    runner_up: torch.Tensor | None
+    runner_up: torch.Tensor | None = None
 
 
 class LossAscent:
