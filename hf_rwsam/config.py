@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from .losses import PER_SAMPLE_LOSS_EXAMPLE
-from .sharpness.settings import FALSE_STRINGS, TRUE_STRINGS, SharpnessSettings
+from .sharpness.settings import SharpnessSettings
 from .sharpness.sharding import sharded_step_problems
 
 logger = logging.get_logger(__name__)
@@ -203,9 +203,5 @@ class RWSAMConfig(SharpnessSettings, TrainingArguments):
     def validate(self):
         """The settings' own checks, then those involving the Trainer's (before `TrainingArguments` acts on them)."""
         super().validate()
-        value = self.report_label_issues
-        if isinstance(value, str) and value.lower() in TRUE_STRINGS + FALSE_STRINGS:
-            self.report_label_issues = value.lower() in TRUE_STRINGS
-        elif not isinstance(value, bool):
-            raise self.refuse("report_label_issues", value, "it must be True or False")
+        self._type_field("report_label_issues", bool)
         check_training_arguments(self)

@@ -193,36 +193,39 @@ class SharpnessSettings:
         self._warn_ignored_settings()
 
     def _type_fields(self) -> None:
-        """Each field as its declared type, as `HfArgumentParser` reads a string for it: numbers from numeric strings,
-        bools from yes/no, true/false, t/f, y/n, 1/0. A bool is not taken for a number (Python's ``True == 1``), nor
-        a non-integral number for an integer."""
+        """Each field as its declared type, as `HfArgumentParser` reads a string for it (`_type_field`)."""
         hints = typing.get_type_hints(SharpnessSettings)  # `field.type` may be a string (or HfArgumentParser's type)
         for f in dataclasses.fields(SharpnessSettings):
-            if typing.get_origin(hints[f.name]) is Literal:
-                continue  # the choices are checked by name in `validate`
-            types = typing.get_args(hints[f.name]) or (hints[f.name],)
-            kind, optional = next(t for t in types if t is not type(None)), type(None) in types
-            value = getattr(self, f.name)
-            if value is None and optional:
-                continue
-            allowed = {bool: "True or False (or, as HfArgumentParser reads strings, one of "
-                             f"{TRUE_STRINGS + FALSE_STRINGS})",
-                       int: "an integer", float: "a number"}[kind] + (", or None" if optional else "")
-            if kind is bool:
-                if isinstance(value, str) and value.lower() in TRUE_STRINGS + FALSE_STRINGS:
-                    value = value.lower() in TRUE_STRINGS
-                elif not isinstance(value, bool):
-                    raise self.refuse(f.name, value, f"it must be {allowed}")
-            elif isinstance(value, str):
-                try:
-                    value = kind(value)
-                except ValueError:
-                    raise self.refuse(f.name, value, f"it must be {allowed}") from None
-            elif isinstance(value, bool) or not isinstance(value, numbers.Integral if kind is int else numbers.Real):
-                raise self.refuse(f.name, value, f"it must be {allowed}")
-            else:
+            if typing.get_origin(hints[f.name]) is not Literal:  # the choices are checked by name in `validate`
+                self._type_field(f.name, hints[f.name])
+
+    def _type_field(self, name: str, hint) -> None:
+        """Field `name` as type `hint` (``bool``, ``int``, ``float``, optionally ``| None``), as `HfArgumentParser`
+        reads a string for it: numbers from numeric strings, bools from yes/no, true/false, t/f, y/n, 1/0. A bool is
+        not taken for a number (Python's ``True == 1``), nor a non-integral number for an integer."""
+        types = typing.get_args(hint) or (hint,)
+        kind, optional = next(t for t in types if t is not type(None)), type(None) in types
+        value = getattr(self, name)
+        if value is None and optional:
+            return
+        allowed = {bool: "True or False (or, as HfArgumentParser reads strings, one of "
+                         f"{TRUE_STRINGS + FALSE_STRINGS})",
+                   int: "an integer", float: "a number"}[kind] + (", or None" if optional else "")
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in TRUE_STRINGS + FALSE_STRINGS:
+                value = value.lower() in TRUE_STRINGS
+            elif not isinstance(value, bool):
+                raise self.refuse(name, value, f"it must be {allowed}")
+        elif isinstance(value, str):
+            try:
                 value = kind(value)
-            setattr(self, f.name, value)
+            except ValueError:
+                raise self.refuse(name, value, f"it must be {allowed}") from None
+        elif isinstance(value, bool) or not isinstance(value, numbers.Integral if kind is int else numbers.Real):
+            raise self.refuse(name, value, f"it must be {allowed}")
+        else:
+            value = kind(value)
+        setattr(self, name, value)
 
     def _warn_ignored_settings(self) -> None:
         defaults = {f.name: f.default for f in dataclasses.fields(SharpnessSettings)}
