@@ -219,6 +219,12 @@ class LabelIssueReport:
         return {"num_examples": self.num_examples, "updates": self.updates, "step_power": STEP_POWER,
                 **{name: getattr(self, name).to("cpu", copy=True) for name in _BUFFERS}}
 
+    @staticmethod
+    def step_power_of(state: dict[str, Any]) -> int:
+        """The power of the step by which the visits of a saved report (`state_dict`) were weighted: 1 for a report
+        saved before ``step_power`` was recorded, which weighed a visit at step t by t."""
+        return state.get("step_power", 1)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues the report saved by `state_dict` (copies of its tensors). A report whose visits were weighted
         by another power of the step (saved before ``STEP_POWER`` changed) is refused: its sums do not add up with
@@ -228,9 +234,9 @@ class LabelIssueReport:
                 f"LabelIssueReport: the saved report covers {state['num_examples']} examples, this training set has "
                 f"{self.num_examples}."
             )
-        if state.get("step_power", 1) != STEP_POWER:
+        if self.step_power_of(state) != STEP_POWER:
             raise ValueError(
-                f"LabelIssueReport: the saved report weighs a visit at step t by t^{state.get('step_power', 1)}, this "
+                f"LabelIssueReport: the saved report weighs a visit at step t by t^{self.step_power_of(state)}, this "
                 f"version by t^{STEP_POWER}; its sums cannot be continued."
             )
         self.updates = state["updates"]

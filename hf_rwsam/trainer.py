@@ -372,10 +372,10 @@ class SharpnessAwareMixin:
                            "report_label_issues): the report covers only the steps after the resume.")
             return
         state = torch.load(path, weights_only=True)
-        if state.get("step_power", 1) != STEP_POWER:
+        if LabelIssueReport.step_power_of(state) != STEP_POWER:
             logger.warning(f"The label-issue report in {resume_from_checkpoint} weighs visits by t^"
-                           f"{state.get('step_power', 1)}, this version by t^{STEP_POWER}: the report starts again and "
-                           "covers only the steps after the resume.")
+                           f"{LabelIssueReport.step_power_of(state)}, this version by t^{STEP_POWER}: the report starts "
+                           "again and covers only the steps after the resume.")
             return
         if self.accelerator.process_index == 0:  # the saved report is every process's: it is counted once
             self._label_issues.load_state_dict(state)

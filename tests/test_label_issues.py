@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 from transformers import DataCollatorWithPadding, default_data_collator
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from hf_rwsam import RWSAMConfig, RWSAMTrainer
 from hf_rwsam.columns import INDEX_COLUMN
@@ -236,6 +238,16 @@ def test_a_resumed_run_reports_the_whole_training(tmp_path):
     resumed = run("b", 8, resume=str(tmp_path / "b" / "checkpoint-4"))
     assert resumed == straight
     assert sum(resumed["visits"]) == 8 * 4
+
+    # a report saved before visits were weighted by t^8 (no step_power, weights t) is not continued: it restarts
+    path = tmp_path / "b" / "checkpoint-4" / "label_issues_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["step_power"]
+    torch.save(state, path)
+    with CaptureLogger(logging.get_logger("hf_rwsam.trainer")) as captured:
+        restarted = run("b", 8, resume=str(tmp_path / "b" / "checkpoint-4"))
+    assert "weighs visits by t^1, this version by t^8: the report starts again" in captured.out
+    assert sum(restarted["visits"]) == 4 * 4  # the 4 steps after the resume only
 
 
 def test_index_column_passes_through_the_collators():
