@@ -40,8 +40,6 @@ import functools
 import gzip
 import json
 import os
-import shlex
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -233,13 +231,14 @@ def _recording_trainer():
     from hf_rwsam.columns import INDEX_COLUMN
 
     class RecordingTrainer(RWSAMTrainer):
-        visits: list
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.visits = []
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             index = inputs[INDEX_COLUMN].cpu()
             loss = super().training_step(model, inputs, num_items_in_batch)
             s = self.sharpness_step.sample_scores
-            self.visits = getattr(self, "visits", [])
             self.visits.append((index, s.losses.cpu(), s.norms.cpu(), s.weights.cpu(), s.margins.cpu()))
             return loss
 
@@ -608,6 +607,8 @@ def jobs_for(args) -> list[dict]:
 
 
 def main():
+    from common import command_line
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="mnist,digits")
     parser.add_argument("--noises", default=",".join(NOISES))
@@ -641,7 +642,7 @@ def main():
         partial = args.results_dir / f"{name}.partial.json.gz"
         results = run_all(settings, jobs_for(args), args.workers, partial)
         partial.unlink()
-        record = {"command": "python " + shlex.join(sys.argv), "settings": settings, "results": results,
+        record = {"command": command_line(), "settings": settings, "results": results,
                   "wall_s": time.perf_counter() - start,
                   "cpu_s": sum(r["cpu_s"] + r.get("inference_cpu_s", 0.0) for r in results)}
         write_record(args.results_dir / f"{name}.json.gz", record)
